@@ -1,0 +1,11 @@
+"""Typed settings loaded once (TOML file + environment), validated with clear errors."""
+
+from heartloop.config.settings import (
+    AllowedCaller,
+    Destination,
+    Settings,
+    load_settings,
+    settings_to_dict,
+)
+
+__all__ = ["AllowedCaller", "Destination", "Settings", "load_settings", "settings_to_dict"]
