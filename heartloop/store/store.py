@@ -1,0 +1,440 @@
+"""`Store`: the one door to the database and the instance files.
+
+Every method is a short transaction; objects returned are detached snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from heartloop.core.states import CaseState, JobState, OutboxState
+from heartloop.store.db import make_engine, migrate, session_factory
+from heartloop.store.files import InstanceFiles
+from heartloop.store.models import Case, CaseEvent, Instance, Job, OutboxItem, Quarantined, Series
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What the store needs to know about a received instance (parsed by dicom_node)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str | None
+    patient_id: str
+    header: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        for name in ("sop_instance_uid", "sop_class_uid", "study_uid", "series_uid"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    created: bool  # False: the SOP Instance UID was already stored (duplicate, stored once)
+    relpath: str
+    case_id: int | None
+
+
+class Store:
+    """Database + files. Build once per process; safe to share between threads."""
+
+    def __init__(self, root: Path, database_url: str, *, migrate_schema: bool = True) -> None:
+        self.files = InstanceFiles(root)
+        self.engine: Engine = make_engine(database_url)
+        if migrate_schema:
+            migrate(self.engine)
+        self._sessions = session_factory(self.engine)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, migrate_schema: bool = True) -> "Store":
+        root = settings.storage_root
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root, settings.database_url, migrate_schema=migrate_schema)
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- receiving --------------------------------------------------------------------------------
+    def instance_exists(self, sop_instance_uid: str) -> bool:
+        with self.session() as s:
+            return s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None
+
+    def store_instance(self, inst: NewInstance, temp_path: Path, calling_ae: str, size_bytes: int) -> StoredInstance:
+        """Move the received file into place durably and commit its row; idempotent per SOP UID.
+
+        Returns only after the file is fsynced and the row committed — the caller may then
+        answer success.
+        """
+        relpath = self.files.instance_relpath(inst.study_uid, inst.series_uid, inst.sop_instance_uid)
+        with self.session() as s:
+            existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == inst.sop_instance_uid))
+            if existing is not None:
+                _unlink_quietly(temp_path)
+                return StoredInstance(False, existing.path, None)
+        self.files.commit_file(temp_path, relpath)
+        now = time.time()
+        for attempt in range(5):
+            try:
+                with self.session() as s, s.begin():
+                    if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == inst.sop_instance_uid)):
+                        return StoredInstance(False, relpath, None)
+                    s.add(
+                        Instance(
+                            sop_instance_uid=inst.sop_instance_uid,
+                            sop_class_uid=inst.sop_class_uid,
+                            modality=inst.modality,
+                            study_uid=inst.study_uid,
+                            series_uid=inst.series_uid,
+                            frame_of_reference_uid=inst.frame_of_reference_uid,
+                            path=relpath,
+                            size_bytes=size_bytes,
+                            calling_ae=calling_ae,
+                            received_at=now,
+                            header_json=json.dumps(inst.header, default=_json_default),
+                        )
+                    )
+                    case_id = self._touch_series(s, inst, now)
+                return StoredInstance(True, relpath, case_id)
+            except IntegrityError:
+                # Another association created the same series/case row at the same moment: retry.
+                if attempt == 4:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _touch_series(self, s: Session, inst: NewInstance, now: float) -> int | None:
+        series = s.scalar(select(Series).where(Series.series_uid == inst.series_uid))
+        if series is None:
+            series = Series(
+                series_uid=inst.series_uid,
+                study_uid=inst.study_uid,
+                modality=inst.modality,
+                frame_of_reference_uid=inst.frame_of_reference_uid,
+                first_received_at=now,
+                last_received_at=now,
+                instance_count=0,
+                state="OPEN",
+            )
+            s.add(series)
+        series.instance_count = (series.instance_count or 0) + 1
+        series.last_received_at = now
+        if series.state != "OPEN":
+            series.state = "OPEN"  # new data re-opens a series for assembly
+            series.reason = None
+        if inst.modality != "CT":
+            s.flush()
+            return series.case_id
+        case = s.scalar(select(Case).where(Case.ct_series_uid == inst.series_uid))
+        if case is None:
+            case = Case(
+                ct_series_uid=inst.series_uid,
+                study_uid=inst.study_uid,
+                patient_id=inst.patient_id or "",
+                frame_of_reference_uid=inst.frame_of_reference_uid,
+                state=CaseState.RECEIVED.value,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(case)
+            s.flush()
+            s.add(CaseEvent(case_id=case.id, at=now, from_state=None, to_state=CaseState.RECEIVED.value, reason=None))
+        elif case.state in (CaseState.INCOMPLETE.value, CaseState.UNSUPPORTED.value):
+            s.add(CaseEvent(case_id=case.id, at=now, from_state=case.state, to_state=CaseState.RECEIVED.value,
+                            reason="new instances arrived"))
+            case.state = CaseState.RECEIVED.value
+            case.reason = None
+            case.updated_at = now
+        s.flush()
+        return case.id
+
+    def quarantine(self, temp_path: Path | None, *, status: int, reason: str, calling_ae: str,
+                   sop_instance_uid: str | None = None) -> int:
+        """Keep a refused dataset with its reason; returns the quarantine row id."""
+        rel = self.files.quarantine(temp_path, reason, {"status": f"0x{status:04X}", "calling_ae": calling_ae,
+                                                         "sop_instance_uid": sop_instance_uid})
+        with self.session() as s, s.begin():
+            row = Quarantined(received_at=time.time(), calling_ae=calling_ae, status=status, reason=reason,
+                              path=rel, sop_instance_uid=sop_instance_uid)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    # -- series and cases -------------------------------------------------------------------------
+    def stable_series(self, stable_age_s: float, now: float | None = None) -> list[Series]:
+        """OPEN series with no instance for `stable_age_s` seconds (oldest first)."""
+        now = time.time() if now is None else now
+        with self.session() as s:
+            rows = s.scalars(
+                select(Series)
+                .where(Series.state == "OPEN", Series.last_received_at <= now - stable_age_s)
+                .order_by(Series.last_received_at)
+            ).all()
+            return list(rows)
+
+    def series_instances(self, series_uid: str) -> list[Instance]:
+        with self.session() as s:
+            return list(s.scalars(select(Instance).where(Instance.series_uid == series_uid).order_by(Instance.id)))
+
+    def get_series(self, series_uid: str) -> Series | None:
+        with self.session() as s:
+            return s.scalar(select(Series).where(Series.series_uid == series_uid))
+
+    def close_series(self, series_uid: str, state: str, reason: str | None = None, *,
+                     case_id: int | None = None, seen_count: int | None = None) -> bool:
+        """Mark a series assembled/linked. When `seen_count` is given and more instances arrived
+        meanwhile, nothing changes and False is returned (it will be assembled again)."""
+        with self.session() as s, s.begin():
+            series = s.scalar(select(Series).where(Series.series_uid == series_uid))
+            if series is None:
+                return False
+            if seen_count is not None and series.instance_count != seen_count:
+                return False
+            series.state = state
+            series.reason = reason
+            if case_id is not None:
+                series.case_id = case_id
+            return True
+
+    def case_for_series(self, series_uid: str) -> Case | None:
+        with self.session() as s:
+            return s.scalar(select(Case).where(Case.ct_series_uid == series_uid))
+
+    def get_case(self, case_id: int) -> Case | None:
+        with self.session() as s:
+            return s.get(Case, case_id)
+
+    def cases_by_frame(self, frame_of_reference_uid: str) -> list[Case]:
+        with self.session() as s:
+            return list(s.scalars(select(Case).where(Case.frame_of_reference_uid == frame_of_reference_uid)))
+
+    def list_cases(self, states: Sequence[str] | None = None) -> list[Case]:
+        with self.session() as s:
+            q = select(Case).order_by(Case.id)
+            if states:
+                q = q.where(Case.state.in_(list(states)))
+            return list(s.scalars(q))
+
+    def case_events(self, case_id: int) -> list[CaseEvent]:
+        with self.session() as s:
+            return list(s.scalars(select(CaseEvent).where(CaseEvent.case_id == case_id).order_by(CaseEvent.id)))
+
+    def set_case_state(self, case_id: int, state: CaseState | str, reason: str | None = None, **fields: Any) -> None:
+        """Move a case to `state`, recording the transition in its history."""
+        state = state.value if isinstance(state, CaseState) else state
+        now = time.time()
+        with self.session() as s, s.begin():
+            case = s.get(Case, case_id)
+            if case is None:
+                raise KeyError(f"no case {case_id}")
+            if case.state != state or case.reason != reason:
+                s.add(CaseEvent(case_id=case_id, at=now, from_state=case.state, to_state=state, reason=reason))
+            case.state = state
+            case.reason = reason
+            case.updated_at = now
+            for k, v in fields.items():
+                setattr(case, k, v)
+
+    def linked_series(self, case_id: int, modality: str | None = None) -> list[Series]:
+        with self.session() as s:
+            q = select(Series).where(Series.case_id == case_id)
+            if modality:
+                q = q.where(Series.modality == modality)
+            return list(s.scalars(q.order_by(Series.id)))
+
+    def quarantined(self) -> list[Quarantined]:
+        with self.session() as s:
+            return list(s.scalars(select(Quarantined).order_by(Quarantined.id)))
+
+    def counts(self) -> dict[str, int]:
+        with self.session() as s:
+            return {
+                "instances": s.scalar(select(func.count(Instance.id))) or 0,
+                "series": s.scalar(select(func.count(Series.id))) or 0,
+                "cases": s.scalar(select(func.count(Case.id))) or 0,
+                "quarantined": s.scalar(select(func.count(Quarantined.id))) or 0,
+            }
+
+    # -- durable job queue ------------------------------------------------------------------------
+    def enqueue(self, kind: str, payload: dict[str, Any] | None = None, *, dedupe_key: str | None = None,
+                delay_s: float = 0.0, max_attempts: int = 3) -> int | None:
+        """Add a job; with `dedupe_key`, a second pending/running job with the same key is not added.
+
+        Returns the job id, or None when deduplicated.
+        """
+        now = time.time()
+        try:
+            with self.session() as s, s.begin():
+                if dedupe_key is not None:
+                    old = s.scalar(select(Job).where(Job.dedupe_key == dedupe_key))
+                    if old is not None:
+                        if old.state in (JobState.PENDING.value, JobState.RUNNING.value):
+                            return None
+                        old.dedupe_key = None  # finished: free the key for the new job
+                        s.flush()
+                job = Job(kind=kind, payload_json=json.dumps(payload or {}, default=_json_default),
+                          dedupe_key=dedupe_key, state=JobState.PENDING.value, attempts=0,
+                          max_attempts=max_attempts, not_before=now + delay_s, created_at=now)
+                s.add(job)
+                s.flush()
+                return job.id
+        except IntegrityError:
+            return None
+
+    def claim_job(self, kinds: Sequence[str] | None = None, lease_s: float = 600.0,
+                  worker: str | None = None) -> Job | None:
+        """Atomically take the oldest due job (or one whose lease expired after a crash)."""
+        now = time.time()
+        worker = worker or self.worker_id
+        with self.session() as s, s.begin():
+            due = or_(
+                and_(Job.state == JobState.PENDING.value, Job.not_before <= now),
+                and_(Job.state == JobState.RUNNING.value, Job.lease_until < now),
+            )
+            q = select(Job).where(due).order_by(Job.not_before, Job.id).limit(1)
+            if kinds:
+                q = q.where(Job.kind.in_(list(kinds)))
+            if self.engine.dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            job = s.scalar(q)
+            if job is None:
+                return None
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.state == job.state, or_(Job.lease_until.is_(None), Job.lease_until == job.lease_until))
+                .values(state=JobState.RUNNING.value, lease_until=now + lease_s, worker=worker,
+                        attempts=Job.attempts + 1)
+            )
+            if res.rowcount != 1:
+                return None
+        with self.session() as s:
+            return s.get(Job, job.id)
+
+    def finish_job(self, job_id: int) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(Job).where(Job.id == job_id).values(state=JobState.DONE.value, finished_at=time.time(),
+                                                                   lease_until=None))
+
+    def fail_job(self, job_id: int, error: str, retry_in_s: float = 5.0) -> str:
+        """Record a failure; the job is retried until `max_attempts`, then FAILED. Returns the new state."""
+        with self.session() as s, s.begin():
+            job = s.get(Job, job_id)
+            if job is None:
+                return "MISSING"
+            job.last_error = error[:4000]
+            job.lease_until = None
+            if job.attempts >= job.max_attempts:
+                job.state = JobState.FAILED.value
+                job.finished_at = time.time()
+            else:
+                job.state = JobState.PENDING.value
+                job.not_before = time.time() + retry_in_s
+            return job.state
+
+    def jobs(self, state: str | None = None) -> list[Job]:
+        with self.session() as s:
+            q = select(Job).order_by(Job.id)
+            if state:
+                q = q.where(Job.state == state)
+            return list(s.scalars(q))
+
+    # -- outbox -----------------------------------------------------------------------------------
+    def queue_output(self, destination: str, *, sop_instance_uid: str, sop_class_uid: str, relpath: str,
+                     case_id: int | None = None, description: str = "") -> int | None:
+        """Queue a stored output file for sending. The same SOP instance is queued once per destination."""
+        now = time.time()
+        try:
+            with self.session() as s, s.begin():
+                item = OutboxItem(destination=destination, sop_instance_uid=sop_instance_uid,
+                                  sop_class_uid=sop_class_uid, path=relpath, case_id=case_id,
+                                  description=description, state=OutboxState.PENDING.value, attempts=0,
+                                  next_attempt_at=now, created_at=now)
+                s.add(item)
+                s.flush()
+                return item.id
+        except IntegrityError:
+            return None
+
+    def due_outputs(self, now: float | None = None, limit: int = 100) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        with self.session() as s:
+            return list(s.scalars(
+                select(OutboxItem)
+                .where(OutboxItem.state == OutboxState.PENDING.value, OutboxItem.next_attempt_at <= now)
+                .order_by(OutboxItem.id).limit(limit)
+            ))
+
+    def mark_output_sent(self, item_id: int) -> None:
+        with self.session() as s, s.begin():
+            s.execute(update(OutboxItem).where(OutboxItem.id == item_id)
+                      .values(state=OutboxState.SENT.value, sent_at=time.time(), last_error=None,
+                              attempts=OutboxItem.attempts + 1))
+
+    def mark_output_failed(self, item_id: int, error: str, *, backoff_initial_s: float, backoff_max_s: float,
+                           max_attempts: int) -> str:
+        """Count a failed attempt and schedule the next with exponential backoff (or give up)."""
+        with self.session() as s, s.begin():
+            item = s.get(OutboxItem, item_id)
+            if item is None:
+                return "MISSING"
+            item.attempts += 1
+            item.last_error = error[:4000]
+            if item.attempts >= max_attempts:
+                item.state = OutboxState.FAILED.value
+            else:
+                delay = min(backoff_max_s, backoff_initial_s * (2 ** (item.attempts - 1)))
+                item.next_attempt_at = time.time() + delay
+            return item.state
+
+    def retry_output(self, item_id: int) -> None:
+        """Put a FAILED item back in the queue (a physicist fixed the destination)."""
+        with self.session() as s, s.begin():
+            s.execute(update(OutboxItem).where(OutboxItem.id == item_id, OutboxItem.state == OutboxState.FAILED.value)
+                      .values(state=OutboxState.PENDING.value, next_attempt_at=time.time(), attempts=0))
+
+    def outputs(self, case_id: int | None = None) -> list[OutboxItem]:
+        with self.session() as s:
+            q = select(OutboxItem).order_by(OutboxItem.id)
+            if case_id is not None:
+                q = q.where(OutboxItem.case_id == case_id)
+            return list(s.scalars(q))
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def iter_chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
