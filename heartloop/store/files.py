@@ -96,6 +96,34 @@ class InstanceFiles:
         fsync_dir(dest.parent)
         return dest
 
+    def place_new(self, temp_path: Path, dest: Path) -> bool:
+        """Durably put `temp_path` at `dest` only if nothing is there yet (atomic, via a hard link).
+
+        Returns False, leaving `temp_path` untouched, when `dest` already exists.
+        """
+        fd = os.open(temp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(temp_path, dest)
+        except FileExistsError:
+            return False
+        except OSError:
+            # No hard links here (or another filesystem): fall back to exclusive create + copy.
+            if dest.exists():
+                return False
+            self.commit_file(temp_path, self.relpath(dest))
+            return True
+        os.unlink(temp_path)
+        fsync_dir(dest.parent)
+        return True
+
+    def relpath(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
     def write_bytes(self, relpath: str, data: bytes) -> Path:
         """Atomically write `data` at `relpath` (temp file, fsync, rename, fsync dir)."""
         tmp = self.new_temp()

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -83,38 +85,43 @@ class Store:
     def store_instance(self, inst: NewInstance, temp_path: Path, calling_ae: str, size_bytes: int) -> StoredInstance:
         """Move the received file into place durably and commit its row; idempotent per SOP UID.
 
-        Returns only after the file is fsynced and the row committed — the caller may then
-        answer success.
+        Returns only after the file is fsynced in place and the row committed — the caller may then
+        answer success. A duplicate SOP Instance UID keeps the first file and row.
         """
         relpath = self.files.instance_relpath(inst.study_uid, inst.series_uid, inst.sop_instance_uid)
-        with self.session() as s:
-            existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == inst.sop_instance_uid))
-            if existing is not None:
+        dest = self.files.abspath(relpath)
+        if not self.files.place_new(temp_path, dest):
+            # The path exists: a duplicate, or a file a crash left before its row was committed
+            # (never acknowledged, so it may be replaced).
+            if self.instance_exists(inst.sop_instance_uid):
                 _unlink_quietly(temp_path)
-                return StoredInstance(False, existing.path, None)
-        self.files.commit_file(temp_path, relpath)
+                return StoredInstance(False, relpath, None)
+            self.files.commit_file(temp_path, relpath)
         now = time.time()
+        values = dict(
+            sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid, modality=inst.modality,
+            study_uid=inst.study_uid, series_uid=inst.series_uid, frame_of_reference_uid=inst.frame_of_reference_uid,
+            path=relpath, size_bytes=size_bytes, calling_ae=calling_ae, received_at=now,
+            header_json=json.dumps(inst.header, default=_json_default),
+        )
+        insert = (sqlite_insert if self.engine.dialect.name == "sqlite" else pg_insert)(Instance.__table__)
         for attempt in range(5):
             try:
-                with self.session() as s, s.begin():
-                    if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == inst.sop_instance_uid)):
+                with self.engine.begin() as conn:
+                    res = conn.execute(insert.values(**values).on_conflict_do_nothing(index_elements=["sop_instance_uid"]))
+                    if res.rowcount == 0:
                         return StoredInstance(False, relpath, None)
-                    s.add(
-                        Instance(
-                            sop_instance_uid=inst.sop_instance_uid,
-                            sop_class_uid=inst.sop_class_uid,
-                            modality=inst.modality,
-                            study_uid=inst.study_uid,
-                            series_uid=inst.series_uid,
-                            frame_of_reference_uid=inst.frame_of_reference_uid,
-                            path=relpath,
-                            size_bytes=size_bytes,
-                            calling_ae=calling_ae,
-                            received_at=now,
-                            header_json=json.dumps(inst.header, default=_json_default),
-                        )
+                    # Fast path: the series is already open — one UPDATE.
+                    bumped = conn.execute(
+                        update(Series.__table__)
+                        .where(Series.__table__.c.series_uid == inst.series_uid, Series.__table__.c.state == "OPEN")
+                        .values(instance_count=Series.__table__.c.instance_count + 1, last_received_at=now)
                     )
-                    case_id = self._touch_series(s, inst, now)
+                    if bumped.rowcount == 1:
+                        return StoredInstance(True, relpath, None)
+                    with Session(bind=conn) as s:
+                        case_id = self._touch_series(s, inst, now)
+                        s.flush()
                 return StoredInstance(True, relpath, case_id)
             except IntegrityError:
                 # Another association created the same series/case row at the same moment: retry.
@@ -215,6 +222,44 @@ class Store:
             if case_id is not None:
                 series.case_id = case_id
             return True
+
+    def finish_assembly(self, series_uid: str, seen_count: int, *, series_state: str, case_state: CaseState | str,
+                        reason: str | None = None, **case_fields: Any) -> bool:
+        """Close a CT series and move its case, atomically, unless instances arrived meanwhile.
+
+        Returns False (and changes nothing) when the series grew since it was read: it will be
+        assembled again once stable.
+        """
+        case_state = case_state.value if isinstance(case_state, CaseState) else case_state
+        now = time.time()
+        with self.session() as s, s.begin():
+            series = s.scalar(select(Series).where(Series.series_uid == series_uid))
+            case = s.scalar(select(Case).where(Case.ct_series_uid == series_uid))
+            if series is None or case is None or series.instance_count != seen_count or series.state != "OPEN":
+                return False
+            series.state = series_state
+            series.reason = reason
+            series.case_id = case.id
+            if case.state != case_state or case.reason != reason:
+                s.add(CaseEvent(case_id=case.id, at=now, from_state=case.state, to_state=case_state, reason=reason))
+            case.state = case_state
+            case.reason = reason
+            case.updated_at = now
+            for k, v in case_fields.items():
+                setattr(case, k, v)
+            return True
+
+    def link_rt_series(self, frame_of_reference_uid: str, case_id: int) -> list[str]:
+        """Link every RT series (RTDOSE/RTPLAN/RTSTRUCT) of this frame of reference to `case_id`."""
+        with self.session() as s, s.begin():
+            rows = list(s.scalars(select(Series).where(
+                Series.frame_of_reference_uid == frame_of_reference_uid, Series.modality != "CT",
+                Series.state.in_(["OPEN", "UNLINKED", "LINKED"]))))
+            for row in rows:
+                row.case_id = case_id
+                row.state = "LINKED"
+                row.reason = None
+            return [r.series_uid for r in rows]
 
     def case_for_series(self, series_uid: str) -> Case | None:
         with self.session() as s:

@@ -75,7 +75,8 @@ def test_close_series_refuses_when_more_arrived(store):
 def test_case_state_history(store):
     _put(store, _inst("1.2.3.4.1"))
     case = store.list_cases()[0]
-    store.set_case_state(case.id, CaseState.INCOMPLETE, "missing slice between z = 10 and z = 15 mm")
+    assert store.finish_assembly("1.2.3.4", 1, series_state="INCOMPLETE", case_state=CaseState.INCOMPLETE,
+                                 reason="missing slice between z = 10 and z = 15 mm")
     _put(store, _inst("1.2.3.4.2"))  # more data: back to RECEIVED
     assert store.get_case(case.id).state == CaseState.RECEIVED.value
     store.set_case_state(case.id, CaseState.READY, n_slices=2)

@@ -1,0 +1,3 @@
+from heartloop.service.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,161 @@
+"""The running service: DICOM node + scheduler-driven workers over the durable queue."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from datetime import datetime
+from typing import Any, Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from heartloop.config import Settings
+from heartloop.core import Volume
+from heartloop.dicom_node.scp import StorageSCP, run_receiver_process
+from heartloop.dicom_node.scu import drain_outbox
+from heartloop.service.lifecycle import JOB_ASSEMBLE, assemble_series, enqueue_stable_series
+from heartloop.store import Store
+
+log = logging.getLogger(__name__)
+
+JobHandler = Callable[[dict[str, Any]], None]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in a child process
+    """Linux: SIGTERM this process when the service dies, even by SIGKILL (no orphan listeners)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _receiver_main(settings: Settings) -> None:  # pragma: no cover - child process
+    _die_with_parent()
+    run_receiver_process(settings)
+
+
+class Service:
+    """Composition root of `heartloop serve`.
+
+    Parameters
+    ----------
+    settings
+        Validated settings.
+    on_ready
+        Called with ``(case_id, volume)`` when a case becomes READY (the contouring stage hooks
+        in here).
+    """
+
+    def __init__(self, settings: Settings, *, on_ready: Callable[[int, Volume], None] | None = None) -> None:
+        self.settings = settings
+        self.store = Store.from_settings(settings)
+        self.scp = StorageSCP(settings, self.store, reuse_port=settings.node.receive_processes > 1)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.on_ready = on_ready
+        self.handlers: dict[str, JobHandler] = {JOB_ASSEMBLE: self._job_assemble}
+        self._receivers: list[multiprocessing.process.BaseProcess] = []
+        self._work_lock = threading.Lock()
+        self.started = threading.Event()
+
+    # -- jobs -------------------------------------------------------------------------------------
+    def register(self, kind: str, handler: JobHandler) -> None:
+        """Register the handler of one job kind (explicitly; no discovery)."""
+        self.handlers[kind] = handler
+
+    def _job_assemble(self, payload: dict[str, Any]) -> None:
+        assemble_series(self.store, self.settings, payload["series_uid"], on_ready=self.on_ready)
+
+    def run_due_jobs(self, budget_s: float = 5.0) -> int:
+        """Run queued jobs until none is due or `budget_s` has passed; returns how many ran."""
+        if not self._work_lock.acquire(blocking=False):
+            return 0
+        try:
+            n = 0
+            deadline = time.monotonic() + budget_s
+            while time.monotonic() < deadline:
+                job = self.store.claim_job(kinds=list(self.handlers))
+                if job is None:
+                    break
+                handler = self.handlers[job.kind]
+                try:
+                    import json
+
+                    handler(json.loads(job.payload_json))
+                except Exception as exc:  # a failing job never blocks the queue
+                    log.exception("job %d (%s) failed", job.id, job.kind)
+                    self.store.fail_job(job.id, f"{type(exc).__name__}: {exc}")
+                else:
+                    self.store.finish_job(job.id)
+                n += 1
+            return n
+        finally:
+            self._work_lock.release()
+
+    def tick(self) -> None:
+        """One pass of everything periodic (also used by tests to drive the service directly)."""
+        enqueue_stable_series(self.store, self.settings)
+        self.run_due_jobs()
+
+    def _safe(self, fn: Callable[[], Any], what: str) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except Exception:  # keep the scheduler alive whatever a pass meets
+                log.exception("%s failed; will try again", what)
+
+        return run
+
+    # -- start / stop -----------------------------------------------------------------------------
+    def start(self) -> None:
+        removed = self.store.files.clean_incoming()
+        if removed:
+            log.info("removed %d unacknowledged partial file(s) left by a previous run", removed)
+        self.scp.start()
+        for _ in range(self.settings.node.receive_processes - 1):
+            proc = multiprocessing.get_context("spawn").Process(target=_receiver_main, args=(self.settings,),
+                                                                daemon=True, name="heartloop-receiver")
+            proc.start()
+            self._receivers.append(proc)
+        now = datetime.now().astimezone()
+        s = self.settings
+        self.scheduler.add_job(self._safe(lambda: enqueue_stable_series(self.store, s), "series scan"), "interval",
+                               seconds=s.series.poll_interval_s, max_instances=1, coalesce=True, next_run_time=now,
+                               id="scan")
+        self.scheduler.add_job(self._safe(self.run_due_jobs, "job worker"), "interval", seconds=0.25,
+                               max_instances=1, coalesce=True, next_run_time=now, id="work")
+        self.scheduler.add_job(self._safe(lambda: drain_outbox(self.store, s), "outbox"), "interval",
+                               seconds=s.outbox.poll_interval_s, max_instances=1, coalesce=True, next_run_time=now,
+                               id="outbox")
+        self.scheduler.start()
+        self.started.set()
+        log.info("HeartLoop service started (data in %s)", s.storage_root)
+
+    def stop(self) -> None:
+        log.info("HeartLoop service stopping")
+        try:
+            self.scheduler.shutdown(wait=True)
+        except Exception:  # pragma: no cover - not started
+            pass
+        self.scp.stop()
+        for proc in self._receivers:
+            proc.terminate()
+        for proc in self._receivers:
+            proc.join(timeout=10)
+        self.store.dispose()
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM/SIGINT, then shut down cleanly."""
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        self.start()
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            self.stop()
