@@ -73,6 +73,8 @@ class NodeSettings:
     max_pdu_bytes: int = 1048576
     #: Receiving processes sharing the DICOM port (SO_REUSEPORT); 1 = in the service process.
     receive_processes: int = 1
+    #: "lean": HeartLoop's streaming storage receiver (fast); "pynetdicom": pynetdicom's acceptor.
+    engine: str = "lean"
     max_associations: int = 16
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -272,6 +274,8 @@ def _validate(s: Settings) -> None:
         seen.add(dest.name)
     if not (1024 <= s.node.max_pdu_bytes <= 64 * 1024 * 1024):
         raise ConfigError("node.max_pdu_bytes must be between 1024 and 67108864")
+    if s.node.engine not in ("lean", "pynetdicom"):
+        raise ConfigError(f"node.engine = {s.node.engine!r}: use \"lean\" (default) or \"pynetdicom\"")
     if not (1 <= s.node.receive_processes <= 64):
         raise ConfigError("node.receive_processes must be between 1 and 64")
     for key, value in [

@@ -115,10 +115,13 @@ def _free_bytes(path: Path) -> int:
         return 0
 
 
-def handle_store(event: evt.Event, store: Store, settings: Settings) -> int | tuple[int, Any]:
-    """Persist one received dataset durably; return a named DIMSE status."""
-    temp = Path(event.dataset_path)
-    calling = str(event.assoc.requestor.ae_title).strip()
+def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae: str, context_sop_class: str,
+                    command_sop_instance: str) -> tuple[int, str | None]:
+    """Check and durably store one received dataset file; the DIMSE status to answer and why.
+
+    Shared by both receive engines. Success (0x0000) is returned only after the file is fsynced
+    in place and its row committed; a refused dataset is quarantined with the reason.
+    """
     try:
         size = temp.stat().st_size
     except OSError:
@@ -129,42 +132,65 @@ def handle_store(event: evt.Event, store: Store, settings: Settings) -> int | tu
         if _free_bytes(store.files.root) < settings.limits.min_free_disk_bytes:
             # Refuse before we are full: what we acknowledged must stay writable. Nothing kept.
             log.error("refusing C-STORE: free disk below limits.min_free_disk_bytes")
-            return OUT_OF_RESOURCES
+            _unlink_quietly(temp)
+            return OUT_OF_RESOURCES, "storage full on the receiving node"
         header = read_header(temp)
-        context_class = str(event.context.abstract_syntax)
-        if header.sop_class_uid != context_class:
+        if header.sop_class_uid != context_sop_class:
             raise DatasetRejected(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"dataset SOP Class {header.sop_class_uid} does not match the presentation context {context_class}",
+                f"dataset SOP Class {header.sop_class_uid} does not match the presentation context {context_sop_class}",
             )
-        command_sop = str(event.request.AffectedSOPInstanceUID)
-        if header.sop_instance_uid != command_sop:
+        if header.sop_instance_uid != command_sop_instance:
             raise DatasetRejected(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"dataset SOP Instance UID {header.sop_instance_uid} differs from the C-STORE request's {command_sop}",
+                f"dataset SOP Instance UID {header.sop_instance_uid} differs from the C-STORE request's",
             )
+    except OSError as exc:  # our disk, not their data: nothing acknowledged, nothing kept
+        log.error("cannot read a received file: %s", exc)
+        _unlink_quietly(temp)
+        return OUT_OF_RESOURCES, "the receiving node cannot read its storage"
     except DatasetRejected as exc:
         try:
-            store.quarantine(temp, status=exc.status, reason=exc.reason, calling_ae=calling,
-                             sop_instance_uid=str(getattr(event.request, "AffectedSOPInstanceUID", "") or "") or None)
+            store.quarantine(temp, status=exc.status, reason=exc.reason, calling_ae=calling_ae,
+                             sop_instance_uid=command_sop_instance or None)
         except Exception:  # pragma: no cover - quarantine must never take the node down
             log.exception("could not quarantine a refused dataset")
-        log.warning("refused C-STORE from %s: 0x%04X %s", calling, exc.status, exc.reason)
-        return exc.status, _error_comment(exc.reason)
+        log.warning("refused C-STORE from %s: 0x%04X %s", calling_ae, exc.status, exc.reason)
+        return exc.status, exc.reason
     try:
-        result = store.store_instance(header_to_new_instance(header), temp, calling, size)
+        result = store.store_instance(header_to_new_instance(header), temp, calling_ae, size)
     except Exception as exc:
         log.exception("could not store a received %s instance", header.modality or "DICOM")
         try:
             if temp.exists():
-                store.quarantine(temp, status=PROCESSING_FAILURE, reason=f"storage error: {exc}", calling_ae=calling,
-                                 sop_instance_uid=header.sop_instance_uid)
+                store.quarantine(temp, status=PROCESSING_FAILURE, reason=f"storage error: {exc}",
+                                 calling_ae=calling_ae, sop_instance_uid=header.sop_instance_uid)
         except Exception:  # pragma: no cover
             log.exception("could not quarantine after a storage error")
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, "storage error on the receiving node"
     if not result.created:
         log.info("duplicate %s instance ignored (stored once)", header.modality)
-    return SUCCESS
+    return SUCCESS, None
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def handle_store(event: evt.Event, store: Store, settings: Settings) -> int | tuple[int, Any]:
+    """pynetdicom C-STORE handler: the dataset is already a file (chunked receive)."""
+    status, reason = accept_instance(
+        store, settings, Path(event.dataset_path),
+        calling_ae=str(event.assoc.requestor.ae_title).strip(),
+        context_sop_class=str(event.context.abstract_syntax),
+        command_sop_instance=str(getattr(event.request, "AffectedSOPInstanceUID", "") or ""),
+    )
+    if status != SUCCESS and reason:
+        return status, _error_comment(reason)
+    return status
 
 
 def _error_comment(reason: str) -> Any:
@@ -257,7 +283,7 @@ def run_receiver_process(settings: Settings) -> None:  # pragma: no cover - runs
     import signal
 
     store = Store.from_settings(settings, migrate_schema=False)
-    scp = StorageSCP(settings, store, reuse_port=True)
+    scp = make_node(settings, store, reuse_port=True)
     scp.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -266,3 +292,12 @@ def run_receiver_process(settings: Settings) -> None:  # pragma: no cover - runs
     scp.stop()
     store.dispose()
     os._exit(0)
+
+
+def make_node(settings: Settings, store: Store, *, reuse_port: bool = False):  # type: ignore[no-untyped-def]
+    """The receiving engine chosen by ``node.engine`` (both: ``start()``, ``port``, ``stop()``)."""
+    if settings.node.engine == "pynetdicom":
+        return StorageSCP(settings, store, reuse_port=reuse_port)
+    from heartloop.dicom_node.receiver import StorageReceiver
+
+    return StorageReceiver(settings, store, reuse_port=reuse_port)

@@ -15,7 +15,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from heartloop.config import Settings
 from heartloop.core import Volume
-from heartloop.dicom_node.scp import StorageSCP, run_receiver_process
+from heartloop.dicom_node.scp import make_node, run_receiver_process
 from heartloop.dicom_node.scu import drain_outbox
 from heartloop.service.lifecycle import JOB_ASSEMBLE, assemble_series, enqueue_stable_series
 from heartloop.store import Store
@@ -54,7 +54,7 @@ class Service:
     def __init__(self, settings: Settings, *, on_ready: Callable[[int, Volume], None] | None = None) -> None:
         self.settings = settings
         self.store = Store.from_settings(settings)
-        self.scp = StorageSCP(settings, self.store, reuse_port=settings.node.receive_processes > 1)
+        self.scp = make_node(settings, self.store, reuse_port=settings.node.receive_processes > 1)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.on_ready = on_ready
         self.handlers: dict[str, JobHandler] = {JOB_ASSEMBLE: self._job_assemble}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -63,6 +63,15 @@ class Store:
         if migrate_schema:
             migrate(self.engine)
         self._sessions = session_factory(self.engine)
+        # The receive hot path: statements built once (building them costs more than running them).
+        insert = sqlite_insert if self.engine.dialect.name == "sqlite" else pg_insert
+        self._insert_instance = insert(Instance.__table__).on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+        series = Series.__table__
+        self._bump_series = (
+            update(series)
+            .where(series.c.series_uid == bindparam("uid"), series.c.state == "OPEN")
+            .values(instance_count=series.c.instance_count + 1, last_received_at=bindparam("now"))
+        )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
     @classmethod
@@ -89,7 +98,7 @@ class Store:
         answer success. A duplicate SOP Instance UID keeps the first file and row.
         """
         relpath = self.files.instance_relpath(inst.study_uid, inst.series_uid, inst.sop_instance_uid)
-        dest = self.files.abspath(relpath)
+        dest = self.files.root / relpath  # safe by construction: every component is uid_component()
         if not self.files.place_new(temp_path, dest):
             # The path exists: a duplicate, or a file a crash left before its row was committed
             # (never acknowledged, so it may be replaced).
@@ -104,19 +113,14 @@ class Store:
             path=relpath, size_bytes=size_bytes, calling_ae=calling_ae, received_at=now,
             header_json=json.dumps(inst.header, default=_json_default),
         )
-        insert = (sqlite_insert if self.engine.dialect.name == "sqlite" else pg_insert)(Instance.__table__)
         for attempt in range(5):
             try:
                 with self.engine.begin() as conn:
-                    res = conn.execute(insert.values(**values).on_conflict_do_nothing(index_elements=["sop_instance_uid"]))
+                    res = conn.execute(self._insert_instance, values)
                     if res.rowcount == 0:
                         return StoredInstance(False, relpath, None)
                     # Fast path: the series is already open — one UPDATE.
-                    bumped = conn.execute(
-                        update(Series.__table__)
-                        .where(Series.__table__.c.series_uid == inst.series_uid, Series.__table__.c.state == "OPEN")
-                        .values(instance_count=Series.__table__.c.instance_count + 1, last_received_at=now)
-                    )
+                    bumped = conn.execute(self._bump_series, {"uid": inst.series_uid, "now": now})
                     if bumped.rowcount == 1:
                         return StoredInstance(True, relpath, None)
                     with Session(bind=conn) as s:

@@ -1,0 +1,157 @@
+"""Ingest throughput: the same 200-slice CT series pushed by dcmtk storescu to our node and to dcmtk
+storescp, in one run, over 1 association and over 4 parallel ones.
+
+    python -m bench.ingest [--slices 200] [--repeats 3] [--processes N]
+
+Last line: ``ours_1=… dcmtk_1=… ratio_1=… ours_4=… dcmtk_4=… ratio_4=…`` (slices/s; best of
+--repeats). Our node runs as deployed (``heartloop serve``, SQLite, durable: every slice fsynced and
+committed before its success); storescp writes files without fsync. Both dcmtk tools get
+TCP_NODELAY=1 (Debian's build otherwise stalls ~44 ms per C-STORE on Nagle's algorithm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"port {port} never opened")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(20)
+
+
+def _push(files: list[Path], port: int, called: str, associations: int) -> float:
+    """Wall time for `associations` parallel storescu runs to deliver every file."""
+    chunks = [files[i::associations] for i in range(associations)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aec", called, "-aet", "BENCH_TPS", "127.0.0.1", str(port),
+                               *map(str, chunk)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for chunk in chunks]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - t0
+
+
+def run_dcmtk(files: list[Path], associations: int, work: Path) -> float:
+    out = Path(tempfile.mkdtemp(dir=work))
+    port = _free_port()
+    cmd = ["storescp", "--max-pdu", "131072", "-od", str(out)]
+    if associations > 1:
+        cmd.append("--fork")
+    proc = subprocess.Popen(cmd + [str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        dt = _push(files, port, "ANY-SCP", associations)
+        received = sum(1 for p in out.iterdir() if p.is_file())
+        if received != len(files):
+            raise RuntimeError(f"storescp stored {received}/{len(files)}")
+        return len(files) / dt
+    finally:
+        _stop(proc)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def run_ours(files: list[Path], associations: int, work: Path, processes: int, engine: str) -> float:
+    root = Path(tempfile.mkdtemp(dir=work))
+    port = _free_port()
+    cfg = root / "heartloop.toml"
+    cfg.write_text(f"""[node]
+port = {port}
+receive_processes = {processes}
+engine = "{engine}"
+[storage]
+root = "{root / 'data'}"
+[series]
+stable_age_s = 3600
+[limits]
+min_free_disk_bytes = 1048576
+""")
+    proc = subprocess.Popen([sys.executable, "-m", "heartloop", "--log-level", "WARNING", "serve", "--config",
+                             str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+        time.sleep(0.5 if processes > 1 else 0.1)  # let every receiving process bind
+        dt = _push(files, port, "HEARTLOOP", associations)
+        import sqlite3
+
+        con = sqlite3.connect(root / "data" / "heartloop.db")
+        stored = con.execute("select count(*) from instances").fetchone()[0]
+        con.close()
+        if stored != len(files):
+            raise RuntimeError(f"our node stored {stored}/{len(files)}")
+        return len(files) / dt
+    finally:
+        _stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--processes", type=int, default=0, help="our receiving processes for the 4-association run "
+                    "(0: the configured default)")
+    ap.add_argument("--engine", default="lean", choices=["lean", "pynetdicom"])
+    args = ap.parse_args(argv)
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install dcmtk")
+
+    from heartloop.config import load_settings
+    from heartloop.phantom import make_patient, write_patient
+
+    work = Path(tempfile.mkdtemp(prefix="hl-bench-ingest-"))
+    try:
+        patient = make_patient(1, rows=512, n_slices=args.slices)
+        files = sorted(write_patient(patient, work / "series").glob("CT_*.dcm"))
+        procs4 = args.processes or load_settings(environ={}).node.receive_processes
+        results = {}
+        for label, assoc, procs in (("1", 1, 1), ("4", 4, procs4)):
+            ours = max(run_ours(files, assoc, work, procs, args.engine) for _ in range(args.repeats))
+            dcmtk = max(run_dcmtk(files, assoc, work) for _ in range(args.repeats))
+            results[label] = (ours, dcmtk)
+            print(f"{assoc} association(s): ours {ours:.0f} slices/s ({procs} receiving process(es), engine "
+                  f"{args.engine}), dcmtk storescp {dcmtk:.0f} slices/s", flush=True)
+        (o1, d1), (o4, d4) = results["1"], results["4"]
+        print(f"ours_1={o1:.0f} dcmtk_1={d1:.0f} ratio_1={o1 / d1:.2f} "
+              f"ours_4={o4:.0f} dcmtk_4={d4:.0f} ratio_4={o4 / d4:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
