@@ -131,6 +131,11 @@ class Service:
         self.scheduler.add_job(self._safe(lambda: drain_outbox(self.store, s), "outbox"), "interval",
                                seconds=s.outbox.poll_interval_s, max_instances=1, coalesce=True, next_run_time=now,
                                id="outbox")
+        # Janitor: a partial dataset whose sender vanished (never acknowledged) is removed once it has
+        # been untouched for longer than any live association could leave it.
+        stale_s = max(600.0, 2 * s.node.network_timeout_s)
+        self.scheduler.add_job(self._safe(lambda: self.store.files.clean_incoming(older_than_s=stale_s), "janitor"),
+                               "interval", seconds=300, max_instances=1, coalesce=True, id="janitor")
         self.scheduler.start()
         self.started.set()
         log.info("HeartLoop service started (data in %s)", s.storage_root)
