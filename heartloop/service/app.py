@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ from heartloop.config import Settings
 from heartloop.core import Volume
 from heartloop.dicom_node.scp import make_node, run_receiver_process
 from heartloop.dicom_node.scu import drain_outbox
-from heartloop.service.lifecycle import JOB_ASSEMBLE, assemble_series, enqueue_stable_series
+from heartloop.service.lifecycle import JOB_ASSEMBLE, assemble_series, enqueue_stable_series, recover_index
 from heartloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,15 @@ class Service:
         return run
 
     # -- start / stop -----------------------------------------------------------------------------
+    @property
+    def _running_marker(self):  # type: ignore[no-untyped-def]
+        return self.store.files.root / ".running"
+
     def start(self) -> None:
+        if self._running_marker.exists():
+            log.warning("the previous run did not stop cleanly: checking stored files against the index")
+            recover_index(self.store)
+        self._running_marker.write_text(str(os.getpid()))
         removed = self.store.files.clean_incoming()
         if removed:
             log.info("removed %d unacknowledged partial file(s) left by a previous run", removed)
@@ -151,6 +160,10 @@ class Service:
             proc.terminate()
         for proc in self._receivers:
             proc.join(timeout=10)
+        try:
+            self._running_marker.unlink()
+        except FileNotFoundError:
+            pass
         self.store.dispose()
 
     def run_forever(self) -> None:

@@ -121,3 +121,37 @@ def _link_rt(store: Store, series) -> AssemblyResult:  # type: ignore[no-untyped
     case = ready[-1]
     store.close_series(series.series_uid, "LINKED", None, case_id=case.id, seen_count=series.instance_count)
     return AssemblyResult(series.series_uid, case.id, "LINKED")
+
+
+def recover_index(store: Store) -> int:
+    """Index every stored instance file that has no database row; returns how many.
+
+    Run after an unclean stop: a file is fsynced before its C-STORE success, its row may have been
+    lost with the last unflushed commits of a power cut. Files that do not parse go to quarantine.
+    """
+    from heartloop.core.errors import DatasetRejected
+    from heartloop.dicom_node.headers import read_header
+    from heartloop.dicom_node.scp import header_to_new_instance
+
+    known = store.indexed_paths()
+    n = 0
+    for path in sorted(store.files.instances_dir.rglob("*.dcm")):
+        rel = store.files.relpath(path)
+        if rel in known:
+            continue
+        try:
+            header = read_header(path)
+        except DatasetRejected as exc:
+            tmp = store.files.new_temp()
+            path.replace(tmp)
+            store.quarantine(tmp, status=exc.status, reason=f"found unindexed after an unclean stop: {exc.reason}",
+                             calling_ae="")
+            continue
+        if store.files.instance_relpath(header.study_uid, header.series_uid, header.sop_instance_uid) != rel:
+            continue  # not where we would have put it: not ours to index
+        stat = path.stat()
+        if store.index_existing(header_to_new_instance(header), rel, "", stat.st_size, stat.st_mtime):
+            n += 1
+    if n:
+        log.warning("re-indexed %d stored instance(s) whose database rows were lost in an unclean stop", n)
+    return n

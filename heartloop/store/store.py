@@ -179,6 +179,24 @@ class Store:
         s.flush()
         return case.id
 
+    def index_existing(self, inst: NewInstance, relpath: str, calling_ae: str, size_bytes: int,
+                       received_at: float) -> bool:
+        """Index a file that is already in place (recovery after an unclean stop). False if known."""
+        if self.instance_exists(inst.sop_instance_uid):
+            return False
+        with self.session() as s, s.begin():
+            s.add(Instance(sop_instance_uid=inst.sop_instance_uid, sop_class_uid=inst.sop_class_uid,
+                           modality=inst.modality, study_uid=inst.study_uid, series_uid=inst.series_uid,
+                           frame_of_reference_uid=inst.frame_of_reference_uid, path=relpath, size_bytes=size_bytes,
+                           calling_ae=calling_ae, received_at=received_at,
+                           header_json=json.dumps(inst.header, default=_json_default)))
+            self._touch_series(s, inst, time.time())
+        return True
+
+    def indexed_paths(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(Instance.path)))
+
     def quarantine(self, temp_path: Path | None, *, status: int, reason: str, calling_ae: str,
                    sop_instance_uid: str | None = None) -> int:
         """Keep a refused dataset with its reason; returns the quarantine row id."""

@@ -195,3 +195,13 @@ def test_atomic_write_leaves_no_partial_file(sqlite_store, monkeypatch):
     with pytest.raises(OSError):
         sqlite_store.files.write_bytes(rel, b"data")
     assert not sqlite_store.files.abspath(rel).exists()
+
+
+def test_index_existing_is_idempotent(store):
+    rel = store.files.instance_relpath("1.2.3", "1.2.3.4", "1.2.3.4.9")
+    store.files.write_bytes(rel, b"x")
+    inst = _inst("1.2.3.4.9")
+    assert store.index_existing(inst, rel, "", 1, 0.0)
+    assert not store.index_existing(inst, rel, "", 1, 0.0)
+    assert store.indexed_paths() == {rel}
+    assert store.list_cases()[0].state == "RECEIVED"
