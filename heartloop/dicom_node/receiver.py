@@ -150,6 +150,7 @@ class _Incoming:
                  sop_instance: str) -> None:
         self.path, self.fh, self.context_id = path, fh, context_id
         self.message_id, self.sop_class, self.sop_instance = message_id, sop_class, sop_instance
+        self.dataset_offset = 0
 
 
 class AssociationHandler(socketserver.BaseRequestHandler):
@@ -340,8 +341,10 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         sop_instance = _uid_value(cmd.get(0x1000))
         path = self.store.files.new_temp(suffix=".dcm")
         fh = open(path, "wb", buffering=1024 * 1024)
-        fh.write(self._file_meta(sop_class, sop_instance, self.contexts[cid].transfer_syntax))
+        meta = self._file_meta(sop_class, sop_instance, self.contexts[cid].transfer_syntax)
+        fh.write(meta)
         self.incoming = _Incoming(path, fh, cid, message_id, sop_class, sop_instance)
+        self.incoming.dataset_offset = len(meta)
 
     def _file_meta(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
         return file_meta_bytes(sop_class, sop_instance, transfer_syntax, self.calling_ae)
@@ -353,7 +356,9 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         self.incoming = None
         status, reason = accept_instance(self.store, self.settings, inc.path, calling_ae=self.calling_ae,
                                          context_sop_class=self.contexts[inc.context_id].sop_class,
-                                         command_sop_instance=inc.sop_instance)
+                                         command_sop_instance=inc.sop_instance,
+                                         transfer_syntax=self.contexts[inc.context_id].transfer_syntax,
+                                         dataset_offset=inc.dataset_offset)
         elements = [(0x0002, _pad_uid(inc.sop_class)), (0x0100, _us(C_STORE_RSP)), (0x0120, _us(inc.message_id)),
                     (0x0800, _us(NO_DATASET)), (0x0900, _us(status)), (0x1000, _pad_uid(inc.sop_instance))]
         if status != SUCCESS and reason:

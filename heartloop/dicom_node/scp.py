@@ -37,6 +37,9 @@ from heartloop.dicom_node.headers import (
 )
 from heartloop.store import NewInstance, Store
 
+# (imported late in the module graph: fastheader imports headers only)
+from heartloop.dicom_node.fastheader import fast_ct_header  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
@@ -116,7 +119,8 @@ def _free_bytes(path: Path) -> int:
 
 
 def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae: str, context_sop_class: str,
-                    command_sop_instance: str) -> tuple[int, str | None]:
+                    command_sop_instance: str, transfer_syntax: str | None = None,
+                    dataset_offset: int | None = None) -> tuple[int, str | None]:
     """Check and durably store one received dataset file; the DIMSE status to answer and why.
 
     Shared by both receive engines. Success (0x0000) is returned only after the file is fsynced
@@ -134,7 +138,11 @@ def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae:
             log.error("refusing C-STORE: free disk below limits.min_free_disk_bytes")
             _unlink_quietly(temp)
             return OUT_OF_RESOURCES, "storage full on the receiving node"
-        header = read_header(temp)
+        header = None
+        if transfer_syntax is not None and dataset_offset is not None and context_sop_class == CT_IMAGE_STORAGE:
+            header = fast_ct_header(temp, transfer_syntax, dataset_offset)
+        if header is None:
+            header = read_header(temp)
         if header.sop_class_uid != context_sop_class:
             raise DatasetRejected(
                 DATASET_DOES_NOT_MATCH_SOP_CLASS,
