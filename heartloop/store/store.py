@@ -323,8 +323,9 @@ class Store:
                 setattr(case, k, v)
 
     def linked_series(self, case_id: int, modality: str | None = None) -> list[Series]:
+        """The RT series (RTDOSE, RTPLAN, RTSTRUCT) linked to a case — not its own CT series."""
         with self.session() as s:
-            q = select(Series).where(Series.case_id == case_id)
+            q = select(Series).where(Series.case_id == case_id, Series.modality != "CT")
             if modality:
                 q = q.where(Series.modality == modality)
             return list(s.scalars(q.order_by(Series.id)))
