@@ -72,7 +72,7 @@ class NodeSettings:
     #: Largest P-DATA PDU we accept and send (bytes). Bigger PDUs mean fewer round trips.
     max_pdu_bytes: int = 1048576
     #: Receiving processes sharing the DICOM port (SO_REUSEPORT); 1 = in the service process.
-    receive_processes: int = 1
+    receive_processes: int = 2
     #: "lean": HeartLoop's streaming storage receiver (fast); "pynetdicom": pynetdicom's acceptor.
     engine: str = "lean"
     max_associations: int = 16
