@@ -2,10 +2,11 @@
 
 from heartloop.config.settings import (
     AllowedCaller,
+    ConfigError,
     Destination,
     Settings,
     load_settings,
     settings_to_dict,
 )
 
-__all__ = ["AllowedCaller", "Destination", "Settings", "load_settings", "settings_to_dict"]
+__all__ = ["AllowedCaller", "ConfigError", "Destination", "Settings", "load_settings", "settings_to_dict"]

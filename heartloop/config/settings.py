@@ -17,9 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from heartloop.core.errors import ConfigError
 
 ENV_PREFIX = "HEARTLOOP_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the key and the fix.
+
+    Defined here, not in `heartloop.core`: config imports nothing of ours (DESIGN.md §2).
+    """
 _AE_RE = re.compile(r"^[\x21-\x5B\x5D-\x7E][\x20-\x5B\x5D-\x7E]{0,15}$")  # printable, no backslash
 
 

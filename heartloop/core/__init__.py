@@ -1,12 +1,11 @@
 """Shared value types: `Volume`, case states, errors. Imports nothing else of ours."""
 
-from heartloop.core.errors import ConfigError, DatasetRejected, HeartLoopError, SeriesError
+from heartloop.core.errors import DatasetRejected, HeartLoopError, SeriesError
 from heartloop.core.states import CaseState, JobState, Modality, OutboxState
 from heartloop.core.volume import Volume
 
 __all__ = [
     "CaseState",
-    "ConfigError",
     "DatasetRejected",
     "HeartLoopError",
     "JobState",

@@ -5,10 +5,6 @@ class HeartLoopError(Exception):
     """Base class of all HeartLoop errors."""
 
 
-class ConfigError(HeartLoopError):
-    """A setting is missing or invalid; the message names the key and the fix."""
-
-
 class SeriesError(HeartLoopError):
     """A CT series cannot become a `Volume`.
 

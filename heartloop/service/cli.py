@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from heartloop import __version__
-from heartloop.core.errors import ConfigError
+from heartloop.config import ConfigError
 
 log = logging.getLogger("heartloop")
 

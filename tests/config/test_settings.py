@@ -7,8 +7,7 @@ import stat
 
 import pytest
 
-from heartloop.config import load_settings
-from heartloop.core import ConfigError
+from heartloop.config import ConfigError, load_settings
 
 
 def _toml(tmp_path, text: str):
