@@ -30,7 +30,7 @@ from heartloop.phantom.torso import CAVITY, OUTER, Diaphragm, Torso
 Array = np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Heart:
     """The heart as a lumpy egg plus its interior and the fat rim around it.
 
@@ -55,7 +55,7 @@ class Heart:
         return max(0.0, self.rim0 + self.rim_amp)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Vertebra:
     w_lo: float
     w_hi: float
@@ -64,7 +64,7 @@ class Vertebra:
     level: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Spine:
     v_body: float
     v_canal: float
@@ -74,13 +74,13 @@ class Spine:
     posterior: tuple[Tube, ...]  # laminae, spinous and transverse processes (bone)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rib:
     bone: Tube
     cartilage: Tube | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Sternum:
     w_top: float
     w_joint: float  # manubrium / body
@@ -96,7 +96,7 @@ class Sternum:
         return np.where((w >= self.w_bottom) & (w <= self.w_top), rx * taper, 0.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Breast:
     mound: Blob
     gland: Blob
@@ -106,7 +106,7 @@ class Breast:
     texture_level: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Anatomy:
     """Everything that makes one synthetic patient, before it meets a CT grid."""
 
@@ -132,7 +132,6 @@ class Anatomy:
     couch_top: float  # v of the couch surface
     hu: Array = field(repr=False)  # mean HU per `Tissue`
     noise_sd: float = 15.0
-    body_centre_to_heart: tuple[float, float] = (0.0, 0.0)
 
     @property
     def heart_w_range(self) -> tuple[float, float]:
@@ -149,7 +148,7 @@ class Anatomy:
 # ---------------------------------------------------------------------------------------------
 def _heart(rng: np.random.Generator, female: bool) -> tuple[Blob, float]:
     """The heart blob centred at the origin, and its target volume (cc)."""
-    volume_cc = rng.uniform(540.0, 860.0) * (0.9 if female else 1.0)
+    volume_cc = rng.uniform(560.0, 880.0) * (0.92 if female else 1.0)
     r_small = rng.uniform(0.64, 0.74)
     r_large = rng.uniform(0.80, 0.90)
     taper = rng.uniform(0.12, 0.28)
@@ -157,7 +156,7 @@ def _heart(rng: np.random.Generator, female: bool) -> tuple[Blob, float]:
     semi = np.array([k, k * r_small, k * r_large])
     # Long axis from the base (right, posterior, superior) to the apex (left, anterior, inferior).
     azimuth = np.radians(rng.uniform(35.0, 55.0))
-    tilt = np.radians(rng.uniform(25.0, 42.0))
+    tilt = np.radians(rng.uniform(15.0, 32.0))
     e1 = np.array([np.cos(tilt) * np.sin(azimuth), -np.cos(tilt) * np.cos(azimuth), -np.sin(tilt)])
     post = np.array([0.0, 1.0, 0.0])
     e2 = unit(post - (post @ e1) * e1)
@@ -180,16 +179,6 @@ def _moved(blob: Blob, centre: Array) -> Blob:
         bump_phase=blob.bump_phase,
         bump_amp=blob.bump_amp,
     )
-
-
-def _inside_points(blob: Blob, step: float = 3.0) -> Array:
-    """Body-frame lattice points inside a blob (for placement decisions)."""
-    r = blob.max_radius
-    g = np.arange(-r, r + step, step, dtype=np.float32)
-    du, dv, dw = np.meshgrid(g, g, g, indexing="ij")
-    rho, rs, _, _ = blob.evaluate(du, dv, dw)
-    inside = rho < rs
-    return np.stack([du[inside], dv[inside], dw[inside]], axis=1).astype(np.float64) + blob.centre
 
 
 def _vertebrae(rng: np.random.Generator, w_t8: float, size: float) -> list[Vertebra]:
@@ -259,13 +248,16 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
         rng.uniform(5.0, 20.0),
         rng.uniform(6.0, 20.0),
     )
-    muscle = (rng.uniform(11.0, 16.0), rng.uniform(14.0, 20.0), rng.uniform(38.0, 46.0))
+    muscle = (rng.uniform(11.0, 16.0), rng.uniform(14.0, 20.0), rng.uniform(26.0, 34.0))
     a_chest = 158.0 * size * rng.uniform(0.95, 1.06)
     b_ant = 112.0 * size * rng.uniform(0.93, 1.07)
-    p = rng.uniform(2.3, 2.8)
-    q_ant = rng.uniform(2.0, 2.3)
-    q_post = rng.uniform(2.8, 3.4)
-    w_apex = rng.uniform(120.0, 150.0)
+    p = rng.uniform(2.1, 2.5)
+    q_ant = rng.uniform(1.8, 2.1)
+    q_post = rng.uniform(2.6, 3.2)
+    vert = _vertebrae(rng, rng.uniform(-20.0, 10.0), size)
+    lv = {v.level: v for v in vert}
+    # Lung apices reach about the first thoracic vertebra, above the clavicles.
+    w_apex = 0.5 * (lv["T1"].w_lo + lv["T1"].w_hi) + rng.uniform(-5.0, 10.0)
     provisional = Torso(
         a_chest=a_chest, a_abd=a_chest, a_neck=a_chest, b_ant_chest=b_ant, b_ant_abd=b_ant,
         b_ant_neck=b_ant, b_post=120.0, b_post_neck=120.0, v_neck=0.0, p=p, q_ant=q_ant,
@@ -277,13 +269,13 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     heart0, _ = _heart(rng, female)
     u_h = rng.uniform(10.0, 26.0) * size
     heart0 = _moved(heart0, np.array([u_h, 0.0, 0.0]))
-    pts = _inside_points(heart0)
-    front = np.array([provisional.front(u, w, CAVITY) for u, w in zip(pts[:, 0], pts[:, 2])])
+    pts = heart0.surface_points()
+    front = provisional.front(pts[:, 0], pts[:, 2], CAVITY)
     ok = np.isfinite(front)
     overlap = rng.uniform(2.0, 6.0)
     v_h = -overlap - float(np.min(pts[ok, 1] - front[ok]))
     heart_blob = _moved(heart0, np.array([u_h, v_h, 0.0]))
-    low, high = heart_blob.extent(step_mm=1.5)
+    low, high = heart_blob.extent()
     v_hp = float(high[1])  # posterior-most heart point
     w_top, w_bot = float(high[2]), float(low[2])
 
@@ -292,13 +284,12 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     v_e = v_hp + r_e - 2.0
     r_da = rng.uniform(11.0, 13.5) * size
     v_vbf = v_e + r_e + 1.5  # front of the vertebral bodies at heart level
-    vert = _vertebrae(rng, rng.uniform(-20.0, 10.0), size)
     ry_mid = next(v.ry for v in vert if v.level == "T8")
     rx_mid = next(v.rx for v in vert if v.level == "T8")
     v_vb = v_vbf + ry_mid
     r_can = rng.uniform(7.0, 8.5)
     v_can = v_vb + ry_mid + 3.0 + r_can
-    v_cav_post = v_can + 6.0
+    v_cav_post = v_can + 2.0
     b_post = v_cav_post + muscle[2] + fat[2] + skin
     u_da = rx_mid * 0.7 + r_da * 0.85
     v_da = v_vbf + 0.25 * r_da
@@ -317,8 +308,8 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
         q_ant=q_ant,
         q_post=q_post,
         lean=rng.uniform(-0.02, 0.02),
-        w_neck0=w_apex - 15.0,
-        w_neck1=w_apex + 45.0,
+        w_neck0=w_apex - 5.0,
+        w_neck1=w_apex + 50.0,
         w_abd0=-210.0,
         w_abd1=-110.0,
         skin=skin,
@@ -333,9 +324,9 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     h_right = rng.uniform(15.0, 30.0)
     dia0 = Diaphragm(
         w_ref=0.0, u_right=-60.0 * size, u_left=55.0 * size, h_right=h_right,
-        h_left=h_right - rng.uniform(10.0, 22.0), width=90.0 * size, drop=rng.uniform(45.0, 65.0),
+        h_left=h_right - rng.uniform(10.0, 22.0), width=85.0 * size, drop=rng.uniform(70.0, 90.0),
         drop_post=rng.uniform(35.0, 55.0), v_post0=0.0, liver_u0=rng.uniform(5.0, 25.0),
-        liver_slope=rng.uniform(0.35, 0.6),
+        liver_slope=rng.uniform(0.35, 0.6), liver_curve=rng.uniform(0.002, 0.005),
     )
     sink = rng.uniform(4.0, 10.0)
     w_ref = w_heart_floor + sink - float(dia0.height(u_h, v_h))
@@ -474,10 +465,11 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     # -- lung vessels from the hila ----------------------------------------------------------
     lung_vessels: list[Tube] = []
     for side in (-1.0, 1.0):
-        hilum = np.array([side * 50.0 * size, v_tr + 12.0, hilum_w])
-        for direction in ([side, -0.3, 0.8], [side, 0.2, 0.0], [side, -0.6, -0.4], [side * 0.6, 0.5, -0.8]):
-            d = unit(np.asarray(direction) + rng.normal(scale=0.15, size=3))
-            lung_vessels += _branches(rng, hilum, d, rng.uniform(28.0, 40.0), 4.5, 3)
+        for dw in (-25.0, 0.0, 20.0):
+            hilum = np.array([side * 48.0 * size, v_tr + 12.0, hilum_w + dw])
+            for direction in ([side, -0.4, 0.9], [side, 0.3, 0.1], [side, -0.8, -0.3], [side * 0.5, 0.6, -0.9]):
+                d = unit(np.asarray(direction) + rng.normal(scale=0.25, size=3))
+                lung_vessels += _branches(rng, hilum, d, rng.uniform(25.0, 35.0), 3.5, 3)
 
     # -- spine -------------------------------------------------------------------------------
     posterior = []
@@ -498,7 +490,6 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
                   posterior=tuple(posterior))
 
     # -- sternum -----------------------------------------------------------------------------
-    lv = {v.level: v for v in vert}
     sternum = Sternum(
         w_top=lv["T2"].w_lo - 2.0,
         w_joint=lv["T4"].w_lo,
@@ -514,49 +505,47 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     for i in range(1, 13):
         vb = lv[f"T{i}"]
         w_i = 0.5 * (vb.w_lo + vb.w_hi)
-        r_rib = (6.0 if i == 1 else 5.2) * size
+        r_rib = (4.0 if i == 1 else 3.4) * size  # radial half thickness; twice that in height
         drop = min(28.0 + 10.0 * (i - 1), 100.0)
         phis = np.linspace(0.0, np.pi, 181)
-        ring_u = np.array([torso.ring_point(ph, w_i, CAVITY, 0.0, 1.0)[0] for ph in phis])
+        ring_u, _ = torso.ring_points(phis, np.full_like(phis, w_i), CAVITY, 0.0, 1.0)
         phi0 = float(phis[np.argmax(ring_u > 45.0)]) if np.any(ring_u > 45.0) else 0.4
         if i <= 7:
-            phi_bone, phi_end = np.pi * rng.uniform(0.76, 0.82), None
+            phi_bone, phi_end = np.pi * rng.uniform(0.76, 0.82), np.pi
         elif i <= 10:
             phi_bone, phi_end = np.pi * 0.78, np.pi * 0.86
         else:
             phi_bone, phi_end = np.pi * (0.58 if i == 11 else 0.48), None
+        bone_phi = np.linspace(phi0, phi_bone, 24)
+        w_path = w_i - drop * ((bone_phi - phi0) / (np.pi - phi0)) ** 1.2
         for side in (-1.0, 1.0):
             head = np.array([side * (vb.rx + 2.0), v_vb + vb.ry * 0.6, w_i + 3.0])
             tubercle = np.array([side * 30.0 * size, v_can + 8.0, w_i])
-            bone_phi = np.linspace(phi0, phi_bone, 10)
-            frac = (bone_phi - phi0) / (np.pi - phi0)
-            w_path = w_i - drop * frac**1.2
-            ring = [torso.ring_point(ph, wz, CAVITY, r_rib + 1.5, side) + (wz,) for ph, wz in zip(bone_phi, w_path)]
-            control = np.vstack([head, tubercle, np.array(ring)])
-            bone = spline(control, np.full(len(control), r_rib))
+            u_r, v_r = torso.ring_points(bone_phi, w_path, CAVITY, r_rib + 1.5, side)
+            ring = np.stack([u_r, v_r, w_path], axis=1)
+            control = np.vstack([head, tubercle, ring[::3], ring[-1:]])
+            bone = spline(control, np.full(len(control), r_rib), step_mm=10.0)
             cartilage = None
-            if i <= 7:
-                w_end = attach[i - 1]
-                pts = [ring[-1]]
-                for ph in np.linspace(phi_bone, np.pi, 25)[1:]:
-                    wz = w_path[-1] + (w_end - w_path[-1]) * (ph - phi_bone) / (np.pi - phi_bone)
-                    u, v = torso.ring_point(ph, wz, CAVITY, r_rib + 1.5, side)
-                    pts.append((u, v, wz))
-                    if abs(u) < float(sternum.half_width(np.array([wz]))[0]) + 2.0:
-                        break
-                cartilage = spline(np.array(pts), np.full(len(pts), r_rib * 0.95))
-            elif phi_end is not None:
-                cphi = np.linspace(phi_bone, phi_end, 5)
-                pts = [torso.ring_point(ph, w_path[-1] + 15.0 * (ph - phi_bone) / (phi_end - phi_bone),
-                                        CAVITY, r_rib + 1.5, side)
-                       + (w_path[-1] + 15.0 * (ph - phi_bone) / (phi_end - phi_bone),) for ph in cphi]
-                cartilage = spline(np.array(pts), np.full(len(pts), r_rib * 0.9))
+            if phi_end is not None:
+                cphi = np.linspace(phi_bone, phi_end, 25)
+                w_end = attach[i - 1] if i <= 7 else w_path[-1] + 15.0
+                cw = w_path[-1] + (w_end - w_path[-1]) * (cphi - phi_bone) / (phi_end - phi_bone)
+                cu, cv = torso.ring_points(cphi, cw, CAVITY, r_rib + 1.5, side)
+                keep = np.ones(len(cphi), dtype=bool)
+                if i <= 7:  # stop at the edge of the sternum
+                    at_sternum = np.abs(cu) < sternum.half_width(cw) + 2.0
+                    if at_sternum.any():
+                        keep[int(np.argmax(at_sternum)) + 1 :] = False
+                pts = np.stack([cu, cv, cw], axis=1)[keep]
+                if len(pts) >= 2:
+                    cartilage = spline(np.vstack([pts[::4], pts[-1:]]), np.full(len(pts[::4]) + 1, r_rib * 0.95),
+                                       step_mm=8.0)
             ribs.append(Rib(bone=bone, cartilage=cartilage))
 
     # -- clavicles ---------------------------------------------------------------------------
     clavicles = []
     w_notch = sternum.w_top
-    v_st_top = torso.front(0.0, w_notch, CAVITY)
+    v_st_top = float(torso.front(0.0, w_notch, CAVITY))
     if not np.isfinite(v_st_top):
         v_st_top = -b_ant * 0.6
     for side in (-1.0, 1.0):
@@ -576,17 +565,18 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     # -- breasts -----------------------------------------------------------------------------
     breasts = []
     if female:
-        w_b = rng.uniform(-40.0, 10.0)
+        w_b = rng.uniform(-45.0, 0.0)
         size_b = rng.uniform(0.7, 1.3)
         for side in (-1.0, 1.0):
-            u_b = side * rng.uniform(70.0, 90.0) * size
-            v_surface = torso.front(u_b, w_b, OUTER)
-            semi = np.array([rng.uniform(60.0, 80.0), rng.uniform(30.0, 55.0) * size_b, rng.uniform(55.0, 72.0)])
-            sag = np.radians(side * rng.uniform(8.0, 22.0))
+            u_b = side * rng.uniform(80.0, 100.0) * size
+            v_surface = float(torso.front(u_b, w_b, OUTER))
+            # Supine breasts spread sideways and flatten against the chest wall.
+            semi = np.array([rng.uniform(70.0, 90.0), rng.uniform(28.0, 45.0) * size_b, rng.uniform(55.0, 70.0)])
+            sag = np.radians(side * rng.uniform(15.0, 30.0))
             axes = np.array([[np.cos(sag), np.sin(sag), 0.0], [-np.sin(sag), np.cos(sag), 0.0], [0.0, 0.0, 1.0]])
-            centre = np.array([u_b + side * 8.0, v_surface + 6.0, w_b])
+            centre = np.array([u_b + side * 10.0, v_surface + 0.35 * semi[1] + 8.0, w_b])
             mound = lumpy_blob(rng, centre, axes, semi, n_bumps=3, amp=0.03)
-            gland = ellipsoid(centre + np.array([0.0, -0.25 * semi[1], 0.0]), semi * rng.uniform(0.55, 0.75), axes)
+            gland = ellipsoid(centre + np.array([0.0, -0.3 * semi[1], 0.0]), semi * rng.uniform(0.55, 0.75), axes)
             breasts.append(Breast(
                 mound=mound, gland=gland, texture_dirs=np.random.default_rng(rng.integers(2**32)).normal(size=(5, 3)),
                 texture_freq=rng.uniform(0.15, 0.35, 5), texture_phase=rng.uniform(0.0, 2.0 * np.pi, 5),
@@ -596,22 +586,22 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     # -- tumour next to the heart, or a lung nodule ----------------------------------------
     tumour_blob = None
     if tumour:
-        choices = [np.radians(a) for a in (0.0, 35.0, 75.0, 180.0)]  # left, left-posterior, posterior, right
+        choices = [np.radians(a) for a in (0.0, 35.0, 180.0)]  # left, left-posterior, right
         alpha = choices[int(rng.integers(len(choices)))] + rng.uniform(-0.2, 0.2)
         direction = unit(np.array([np.cos(alpha), np.sin(alpha), rng.uniform(-0.4, 0.3)]))
         dist = heart_blob.surface_distance(direction)
-        r_t = rng.uniform(15.0, 28.0)
-        centre = heart_blob.centre + direction * (dist + 0.45 * r_t)
+        r_t = rng.uniform(13.0, 24.0)
+        centre = heart_blob.centre + direction * (dist + 0.6 * r_t)
         tumour_blob = lumpy_blob(rng, centre, np.eye(3), np.full(3, r_t) * rng.uniform(0.85, 1.15, 3),
                                  n_bumps=6, amp=0.08, freq=(2.0, 5.0))
     nodule_blob = None
     if lung_target and not tumour:
         r_n = rng.uniform(10.0, 18.0)
-        side = 1.0 if rng.random() < 0.5 else -1.0
+        side = 1.0 if rng.random() < 0.7 else -1.0
         centre = None
         for _ in range(40):
-            cand = np.array([side * rng.uniform(55.0, 95.0) * size, rng.uniform(-30.0, 45.0), rng.uniform(-5.0, 55.0)])
-            far_from_heart = np.linalg.norm(cand - heart_blob.centre) > heart_blob.max_radius + r_n + 15.0
+            cand = np.array([side * rng.uniform(45.0, 80.0) * size, rng.uniform(-35.0, 40.0), rng.uniform(-30.0, 35.0)])
+            far_from_heart = np.linalg.norm(cand - heart_blob.centre) > heart_blob.max_radius + r_n + 5.0
             if torso.contains(cand[0], cand[1], cand[2], CAVITY, margin=r_n + 12.0) and far_from_heart:
                 centre = cand
                 break

@@ -8,7 +8,7 @@ broadcast against each other (typically shapes ``(1, 1, n)``, ``(1, m, 1)``, ``(
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,7 +31,7 @@ def random_unit(rng: np.random.Generator, n: int) -> Array:
     return g / np.linalg.norm(g, axis=1, keepdims=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Blob:
     """A smooth, lumpy, optionally egg-shaped ellipsoid.
 
@@ -57,10 +57,10 @@ class Blob:
     axes: Array
     semi: Array
     taper: float = 0.0
-    bump_dirs: Array = np.zeros((0, 3))
-    bump_freq: Array = np.zeros(0)
-    bump_phase: Array = np.zeros(0)
-    bump_amp: Array = np.zeros(0)
+    bump_dirs: Array = field(default_factory=lambda: np.zeros((0, 3)))
+    bump_freq: Array = field(default_factory=lambda: np.zeros(0))
+    bump_phase: Array = field(default_factory=lambda: np.zeros(0))
+    bump_amp: Array = field(default_factory=lambda: np.zeros(0))
 
     @property
     def max_radius(self) -> float:
@@ -105,31 +105,46 @@ class Blob:
         rho, r_surface, _, _ = self.evaluate(d[:, 0], d[:, 1], d[:, 2])
         return rho < r_surface
 
-    def surface_distance(self, direction: Array) -> float:
-        """Distance (mm) from the centre to the surface along a body-frame direction."""
-        direction = unit(direction)
-        lo, hi = 0.0, self.max_radius * 1.5
-        for _ in range(40):
+    def surface_distances(self, directions: Array) -> Array:
+        """Distance (mm) from the centre to the surface along each of ``(n, 3)`` directions."""
+        dirs = np.asarray(directions, dtype=np.float64)
+        dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+        lo = np.zeros(len(dirs))
+        hi = np.full(len(dirs), self.max_radius * 1.5)
+        for _ in range(30):
             mid = 0.5 * (lo + hi)
-            if self.contains((self.centre + mid * direction)[None, :])[0]:
-                lo = mid
-            else:
-                hi = mid
+            inside = self.contains(self.centre + mid[:, None] * dirs)
+            lo = np.where(inside, mid, lo)
+            hi = np.where(inside, hi, mid)
         return lo
 
-    def extent(self, step_mm: float = 2.0) -> tuple[Array, Array]:
-        """Body-frame ``(low, high)`` corners of the shape's bounding box, from a lattice scan."""
-        r = self.max_radius
-        g = np.arange(-r, r + step_mm, step_mm, dtype=np.float32)
-        du, dv, dw = g[None, None, :], g[None, :, None], g[:, None, None]
-        rho, r_surface, _, _ = self.evaluate(du, dv, dw)
-        inside = rho < r_surface
-        if not inside.any():
-            raise ValueError("empty blob")
-        kk, jj, ii = np.nonzero(inside)
-        low = np.array([g[ii.min()], g[jj.min()], g[kk.min()]]) - step_mm + self.centre
-        high = np.array([g[ii.max()], g[jj.max()], g[kk.max()]]) + step_mm + self.centre
-        return low, high
+    def surface_distance(self, direction: Array) -> float:
+        """Distance (mm) from the centre to the surface along one body-frame direction."""
+        return float(self.surface_distances(np.asarray(direction, dtype=np.float64)[None, :])[0])
+
+    def surface_points(self, n: int = 4000) -> Array:
+        """``(n, 3)`` body-frame points on the surface, along evenly spread directions."""
+        dirs = fibonacci_sphere(n)
+        return self.centre + self.surface_distances(dirs)[:, None] * dirs
+
+    def extent(self) -> tuple[Array, Array]:
+        """Body-frame ``(low, high)`` corners of the shape's bounding box (±1 mm)."""
+        pts = self.surface_points()
+        return pts.min(axis=0) - 1.0, pts.max(axis=0) + 1.0
+
+    def half_extents(self) -> Array:
+        """A cheap upper bound of the bounding box half sizes (mm) along u, v, w."""
+        grow = (1.0 + self.taper) * (1.0 + float(np.sum(np.abs(self.bump_amp))))
+        return np.sqrt(((self.axes * self.semi[:, None]) ** 2).sum(axis=0)) * grow
+
+
+def fibonacci_sphere(n: int) -> Array:
+    """``n`` nearly evenly spread unit vectors."""
+    i = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * i / n
+    r = np.sqrt(1.0 - z * z)
+    phi = np.pi * (3.0 - np.sqrt(5.0)) * i
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
 
 
 def ellipsoid(centre: Array, semi: Array, axes: Array | None = None) -> Blob:
@@ -165,7 +180,7 @@ def lumpy_blob(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tube:
     """A tube (vessel, airway, bone) along a polyline with per-point radii (mm)."""
 
@@ -179,7 +194,7 @@ class Tube:
             raise ValueError("one radius per point")
 
 
-def spline(control: Array, radii: Array, step_mm: float = 4.0) -> Tube:
+def spline(control: Array, radii: Array, step_mm: float = 8.0) -> Tube:
     """A Catmull–Rom spline through control points, resampled every ``step_mm``."""
     p = np.asarray(control, dtype=np.float64)
     r = np.asarray(radii, dtype=np.float64)

@@ -122,27 +122,32 @@ class Torso:
         hw, uc = self.half_width(np.array([w]), np.array([v]), layer)
         return bool(abs(u - uc[0]) + margin < hw[0, 0])
 
-    def front(self, u: float, w: float, layer: int) -> float:
-        """``v`` of a layer's anterior boundary at ``(u, w)`` (mm; NaN if outside)."""
-        uc, vc, a, b_ant, _ = (float(x) for x in self.semi_axes(np.array([w]), layer))
-        if a <= 0 or abs(u - uc) >= a:
-            return float("nan")
-        return vc - b_ant * (1.0 - abs((u - uc) / a) ** self.p) ** (1.0 / self.q_ant)
+    def front(self, u: Array | float, w: Array | float, layer: int) -> Array:
+        """``v`` of a layer's anterior boundary at ``(u, w)`` (mm; NaN where ``u`` misses it)."""
+        u = np.asarray(u, dtype=np.float64)
+        w = np.asarray(w, dtype=np.float64)
+        uc, vc, a, b_ant, _ = self.semi_axes(w.reshape(-1), layer)
+        shape = np.broadcast_shapes(u.shape, w.shape)
+        uc, vc, a, b_ant = (np.broadcast_to(x.reshape(w.shape), shape) for x in (uc, vc, a, b_ant))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = 1.0 - np.abs((u - uc) / a) ** self.p
+            v = vc - b_ant * np.maximum(r, 0.0) ** (1.0 / self.q_ant)
+        return np.where((a > 0) & (r > 0), v, np.nan)
 
-    def ring_point(self, phi: float, w: float, layer: int, offset: float, side: float) -> tuple[float, float]:
-        """A point on a layer's super-ellipse (grown by ``offset`` mm) at polar parameter ``phi``.
+    def ring_points(self, phi: Array, w: Array, layer: int, offset: float, side: float) -> tuple[Array, Array]:
+        """Points ``(u, v)`` on a layer's super-ellipse grown by ``offset`` mm.
 
-        ``phi = 0`` is the back (posterior midline), ``phi = pi`` the front; ``side`` is +1 for the
-        patient's left and -1 for the right.
+        ``phi = 0`` is the back (posterior midline), ``phi = pi`` the front, at heights ``w``
+        (same shape as ``phi``); ``side`` is +1 for the patient's left and -1 for the right.
         """
-        uc, vc, a, b_ant, b_post = (float(x) for x in self.semi_axes(np.array([w]), layer))
-        s, c = abs(np.sin(phi)), np.cos(phi)
+        phi = np.asarray(phi, dtype=np.float64)
+        uc, vc, a, b_ant, b_post = self.semi_axes(np.broadcast_to(np.asarray(w, dtype=np.float64), phi.shape).reshape(-1), layer)
+        phi = phi.reshape(-1)
+        s, c = np.abs(np.sin(phi)), np.cos(phi)
         u = uc + side * (a + offset) * s ** (2.0 / self.p)
-        if c >= 0:
-            v = vc + (b_post + offset) * abs(c) ** (2.0 / self.q_post)
-        else:
-            v = vc - (b_ant + offset) * abs(c) ** (2.0 / self.q_ant)
-        return u, v
+        v_post = vc + (b_post + offset) * np.abs(c) ** (2.0 / self.q_post)
+        v_ant = vc - (b_ant + offset) * np.abs(c) ** (2.0 / self.q_ant)
+        return u, np.where(c >= 0, v_post, v_ant)
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,7 @@ class Diaphragm:
     v_post0: float
     liver_u0: float
     liver_slope: float
+    liver_curve: float
 
     def height(self, u: Array, v: Array) -> Array:
         """Height ``w`` of the diaphragm over body-frame ``(u, v)`` (broadcast)."""
@@ -172,4 +178,5 @@ class Diaphragm:
 
     def liver_side(self, u: Array, v: Array) -> Array:
         """True where the upper abdomen is liver rather than stomach/spleen/bowel."""
-        return np.asarray(u) < self.liver_u0 + self.liver_slope * (-np.asarray(v))
+        v = np.asarray(v, dtype=np.float64)
+        return np.asarray(u) < self.liver_u0 + self.liver_slope * (-v) - self.liver_curve * v * v

@@ -103,10 +103,14 @@ def cmd_cases(args: argparse.Namespace) -> int:
             "linked": [{"modality": s.modality, "series_uid": s.series_uid} for s in linked],
             "created_at": _iso(c.created_at), "updated_at": _iso(c.updated_at),
         })
+    unlinked = [{"modality": s.modality, "series_uid": s.series_uid, "reason": s.reason}
+                for s in store.unlinked_series()]
     store.dispose()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    for u in unlinked:
+        print(f"waiting: {u['modality']} series {u['series_uid']} — {u['reason']}")
     if not rows:
         print("no cases yet")
         return 0

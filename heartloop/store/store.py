@@ -330,6 +330,11 @@ class Store:
                 q = q.where(Series.modality == modality)
             return list(s.scalars(q.order_by(Series.id)))
 
+    def unlinked_series(self) -> list[Series]:
+        """RT series waiting for a CT of their frame of reference."""
+        with self.session() as s:
+            return list(s.scalars(select(Series).where(Series.state == "UNLINKED").order_by(Series.id)))
+
     def quarantined(self) -> list[Quarantined]:
         with self.session() as s:
             return list(s.scalars(select(Quarantined).order_by(Quarantined.id)))
