@@ -21,6 +21,7 @@ from heartloop.phantom.shapes import (
     Tube,
     ellipsoid,
     lumpy_blob,
+    random_unit,
     spline,
     unit,
 )
@@ -349,9 +350,9 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     n_rim = 3
     heart = Heart(
         blob=heart_blob,
-        rim0=rng.uniform(0.3, 1.3),
-        rim_amp=rng.uniform(1.6, 2.6),
-        rim_dirs=np.random.default_rng(rng.integers(2**32)).normal(size=(n_rim, 3)),
+        rim0=rng.uniform(0.8, 2.0),
+        rim_amp=rng.uniform(1.5, 2.5),
+        rim_dirs=random_unit(rng, n_rim),
         rim_freq=rng.uniform(2.5, 5.0, n_rim),
         rim_phase=rng.uniform(0.0, 2.0 * np.pi, n_rim),
         chambers=chambers,
@@ -359,8 +360,6 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
         low=low,
         high=high,
     )
-    heart_rim_dirs = heart.rim_dirs / np.linalg.norm(heart.rim_dirs, axis=1, keepdims=True)
-    heart = replace(heart, rim_dirs=heart_rim_dirs)
 
     # -- airway ----------------------------------------------------------------------------
     r_tr = rng.uniform(8.0, 10.0)
@@ -442,7 +441,7 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     # Arch branches rise from the top of the arch.
     arch_idx = np.argsort(-aorta.points[:, 2])[:1][0]
     branches = []
-    for frac, (u_end, r) in zip((-14.0, 0.0, 14.0), ((-24.0, 6.0), (22.0, 4.5), (38.0, 5.0))):
+    for frac, (u_end, r) in zip((-14.0, 0.0, 14.0), ((-24.0, 6.0), (22.0, 4.5), (38.0, 5.0)), strict=True):
         start = aorta.points[arch_idx] + np.array([frac * 0.8, frac * 0.3, r_aa * 0.6])
         branches.append(spline(np.array([start, [start[0] * 1.4, start[1] + 6.0, w_arch + 40.0],
                                          [u_end, v_tr + 4.0, 420.0]]), np.array([r, r, r * 0.9])))
@@ -467,8 +466,8 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     for side in (-1.0, 1.0):
         for dw in (-25.0, 0.0, 20.0):
             hilum = np.array([side * 48.0 * size, v_tr + 12.0, hilum_w + dw])
-            for direction in ([side, -0.4, 0.9], [side, 0.3, 0.1], [side, -0.8, -0.3], [side * 0.5, 0.6, -0.9]):
-                d = unit(np.asarray(direction) + rng.normal(scale=0.25, size=3))
+            for heading in ((side, -0.4, 0.9), (side, 0.3, 0.1), (side, -0.8, -0.3), (side * 0.5, 0.6, -0.9)):
+                d = unit(np.asarray(heading) + rng.normal(scale=0.25, size=3))
                 lung_vessels += _branches(rng, hilum, d, rng.uniform(25.0, 35.0), 3.5, 3)
 
     # -- spine -------------------------------------------------------------------------------
@@ -521,8 +520,8 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
         for side in (-1.0, 1.0):
             head = np.array([side * (vb.rx + 2.0), v_vb + vb.ry * 0.6, w_i + 3.0])
             tubercle = np.array([side * 30.0 * size, v_can + 8.0, w_i])
-            u_r, v_r = torso.ring_points(bone_phi, w_path, CAVITY, r_rib + 1.5, side)
-            ring = np.stack([u_r, v_r, w_path], axis=1)
+            rib_u, rib_v = torso.ring_points(bone_phi, w_path, CAVITY, r_rib + 1.5, side)
+            ring = np.stack([rib_u, rib_v, w_path], axis=1)
             control = np.vstack([head, tubercle, ring[::3], ring[-1:]])
             bone = spline(control, np.full(len(control), r_rib), step_mm=10.0)
             cartilage = None
@@ -578,7 +577,7 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
             mound = lumpy_blob(rng, centre, axes, semi, n_bumps=3, amp=0.03)
             gland = ellipsoid(centre + np.array([0.0, -0.3 * semi[1], 0.0]), semi * rng.uniform(0.55, 0.75), axes)
             breasts.append(Breast(
-                mound=mound, gland=gland, texture_dirs=np.random.default_rng(rng.integers(2**32)).normal(size=(5, 3)),
+                mound=mound, gland=gland, texture_dirs=random_unit(rng, 5),
                 texture_freq=rng.uniform(0.15, 0.35, 5), texture_phase=rng.uniform(0.0, 2.0 * np.pi, 5),
                 texture_level=rng.uniform(-0.4, 0.6),
             ))
@@ -598,16 +597,16 @@ def draw_anatomy(rng: np.random.Generator, *, female: bool, tumour: bool, lung_t
     if lung_target and not tumour:
         r_n = rng.uniform(10.0, 18.0)
         side = 1.0 if rng.random() < 0.7 else -1.0
-        centre = None
+        spot: Array | None = None
         for _ in range(40):
             cand = np.array([side * rng.uniform(45.0, 80.0) * size, rng.uniform(-35.0, 40.0), rng.uniform(-30.0, 35.0)])
             far_from_heart = np.linalg.norm(cand - heart_blob.centre) > heart_blob.max_radius + r_n + 5.0
             if torso.contains(cand[0], cand[1], cand[2], CAVITY, margin=r_n + 12.0) and far_from_heart:
-                centre = cand
+                spot = cand
                 break
-        if centre is None:
-            centre = np.array([side * 75.0 * size, 20.0, 40.0])
-        nodule_blob = lumpy_blob(rng, centre, np.eye(3), np.full(3, r_n), n_bumps=5, amp=0.1, freq=(2.0, 5.0))
+        if spot is None:
+            spot = np.array([side * 75.0 * size, 20.0, 40.0])
+        nodule_blob = lumpy_blob(rng, spot, np.eye(3), np.full(3, r_n), n_bumps=5, amp=0.1, freq=(2.0, 5.0))
 
     return Anatomy(
         female=female,

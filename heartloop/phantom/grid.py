@@ -87,26 +87,28 @@ class Placement:
         )
 
 
-def _uneven_thicknesses(rng: np.random.Generator, n: int, base: float) -> np.ndarray:
-    """Per-slice thicknesses in blocks (e.g. 3 mm | 2 mm | 3 mm), never all equal."""
-    choices = np.array([base, base + 0.5, base + 1.0])
+def _uneven_thicknesses(rng: np.random.Generator, n: int, fine: float) -> np.ndarray:
+    """Per-slice thicknesses in blocks (e.g. 3 mm | 2 mm | 3 mm), never all equal.
+
+    Thicknesses are ``fine``, ``fine + 0.5`` and ``fine + 1`` mm (2 / 2.5 / 3 mm by default).
+    """
+    coarse = fine + 1.0
     pattern = int(rng.integers(3))
-    t = np.full(n, base)
+    t = np.full(n, fine)
     if pattern == 0:  # fine block, then coarse
-        split = int(n * rng.uniform(0.3, 0.7))
-        t[split:] = base + 1.0
+        t[int(n * rng.uniform(0.3, 0.7)) :] = coarse
     elif pattern == 1:  # coarse, fine around the heart, coarse
         a, b = sorted(int(x) for x in n * rng.uniform([0.15, 0.6], [0.4, 0.85]))
-        t[:a] = base + 1.0
-        t[b:] = base + 1.0
-    else:  # mixed blocks of 2.0 / 2.5 / 3.0-like thicknesses
+        t[:a] = coarse
+        t[b:] = coarse
+    else:  # mixed blocks
         k = 0
         while k < n:
             length = int(rng.integers(4, 16))
-            t[k : k + length] = rng.choice(choices)
+            t[k : k + length] = fine + 0.5 * int(rng.integers(3))
             k += length
     if np.ptp(t) == 0:
-        t[n // 2 :] = base + 0.5
+        t[n // 2 :] = fine + 0.5
     return t
 
 
@@ -156,10 +158,13 @@ def choose_grid(
     x0, y0 = ds_value(xc - half), ds_value(yc - half)
 
     base = float(slice_thickness) if slice_thickness is not None else float(rng.choice([2.0, 2.5, 3.0]))
+    if uneven and slice_thickness is None:
+        base = 2.0  # blocks of 2, 2.5 and 3 mm
     if n_slices is not None:
         n = int(n_slices)
     else:
-        hi = min(200, int(MAX_RANDOM_SPAN_MM / base) + 1)
+        typical = base + 0.5 if uneven else base  # uneven blocks average about 2.5 mm
+        hi = min(200, int(MAX_RANDOM_SPAN_MM / typical) + 1)
         n = int(rng.integers(min(100, hi), hi + 1))
     thick = _uneven_thicknesses(rng, n, base) if uneven else np.full(n, base)
     heart_lo, heart_hi = heart_w_range

@@ -92,7 +92,7 @@ class Blob:
         inv = np.float32(1.0) / np.maximum(rho, np.float32(1e-6))
         n1, n2, n3 = q1 * inv, t2 * inv, t3 * inv
         r_surface = np.ones_like(rho)
-        for d, f, p, a in zip(self.bump_dirs, self.bump_freq, self.bump_phase, self.bump_amp):
+        for d, f, p, a in zip(self.bump_dirs, self.bump_freq, self.bump_phase, self.bump_amp, strict=True):
             proj = n1 * np.float32(d[0]) + n2 * np.float32(d[1]) + n3 * np.float32(d[2])
             r_surface += np.float32(a) * np.cos(np.float32(f) * proj + np.float32(p))
         s = self.semi.astype(np.float32)

@@ -78,9 +78,9 @@ class Torso:
         if layer == OUTER:
             return uc, vc, a, b_ant, b_post
         scale = 1.0 - 0.6 * tn  # thinner fat and muscle in the neck
-        lat = self.skin
-        ant = self.skin
-        post = self.skin
+        lat = np.full_like(scale, self.skin)
+        ant = np.full_like(scale, self.skin)
+        post = np.full_like(scale, self.skin)
         if layer >= UNDER_FAT:
             lat += self.fat[0] * scale
             ant += self.fat[1] * scale
@@ -141,7 +141,8 @@ class Torso:
         (same shape as ``phi``); ``side`` is +1 for the patient's left and -1 for the right.
         """
         phi = np.asarray(phi, dtype=np.float64)
-        uc, vc, a, b_ant, b_post = self.semi_axes(np.broadcast_to(np.asarray(w, dtype=np.float64), phi.shape).reshape(-1), layer)
+        heights = np.broadcast_to(np.asarray(w, dtype=np.float64), phi.shape).reshape(-1)
+        uc, vc, a, b_ant, b_post = self.semi_axes(heights, layer)
         phi = phi.reshape(-1)
         s, c = np.abs(np.sin(phi)), np.cos(phi)
         u = uc + side * (a + offset) * s ** (2.0 / self.p)
@@ -167,7 +168,7 @@ class Diaphragm:
     liver_slope: float
     liver_curve: float
 
-    def height(self, u: Array, v: Array) -> Array:
+    def height(self, u: Array | float, v: Array | float) -> Array:
         """Height ``w`` of the diaphragm over body-frame ``(u, v)`` (broadcast)."""
         u = np.asarray(u, dtype=np.float64)
         v = np.asarray(v, dtype=np.float64)
@@ -176,7 +177,7 @@ class Diaphragm:
         post = self.drop_post * (np.maximum(v - self.v_post0, 0.0) / 90.0) ** 2
         return self.w_ref + np.maximum(right, left) - post
 
-    def liver_side(self, u: Array, v: Array) -> Array:
+    def liver_side(self, u: Array | float, v: Array | float) -> Array:
         """True where the upper abdomen is liver rather than stomach/spleen/bowel."""
         v = np.asarray(v, dtype=np.float64)
         return np.asarray(u) < self.liver_u0 + self.liver_slope * (-v) - self.liver_curve * v * v

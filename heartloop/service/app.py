@@ -27,10 +27,15 @@ JobHandler = Callable[[dict[str, Any]], None]
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in a child process
-    """Linux: SIGTERM this process when the service dies, even by SIGKILL (no orphan listeners)."""
+    """Linux: kill this process the moment the service dies, even by SIGKILL.
+
+    SIGKILL, not SIGTERM: a receiver that outlived its service would keep accepting on the shared
+    port (and writing partial files) while a restarted service cleans up. What it was receiving
+    was never acknowledged; the TPS sends it again.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 

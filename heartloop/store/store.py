@@ -170,7 +170,8 @@ class Store:
             s.add(case)
             s.flush()
             s.add(CaseEvent(case_id=case.id, at=now, from_state=None, to_state=CaseState.RECEIVED.value, reason=None))
-        elif case.state in (CaseState.INCOMPLETE.value, CaseState.UNSUPPORTED.value):
+        elif case.state in (CaseState.READY.value, CaseState.INCOMPLETE.value, CaseState.UNSUPPORTED.value):
+            # New slices for an assembled series: assemble again once it is stable.
             s.add(CaseEvent(case_id=case.id, at=now, from_state=case.state, to_state=CaseState.RECEIVED.value,
                             reason="new instances arrived"))
             case.state = CaseState.RECEIVED.value

@@ -54,11 +54,14 @@ def test_sigkill_mid_push_loses_nothing_acknowledged(tmp_path):
         for f in files:  # no partial files: every file parses completely
             ds = pydicom.dcmread(f)
             assert len(ds.PixelData) == ds.Rows * ds.Columns * 2
-        assert list((root / "incoming").iterdir()) == []  # unacknowledged partials were cleaned
+        leftovers = list((root / "incoming").iterdir())
+        assert leftovers == [], f"unacknowledged partials not cleaned: {leftovers}; pids {service.pid}, log: " \
+            + (tmp_path / "serve.log").read_text()[-3000:]
 
         again = storescu(cts, port)  # the TPS re-sends the whole series
         assert len(again.sent_ok) == len(cts), again.output[-1500:]
-        case = wait_for(lambda: next(iter(observer.list_cases(["READY"])), None), 30, what="case READY")
+        case = wait_for(lambda: next((c for c in observer.list_cases(["READY"]) if c.n_slices == len(cts)), None),
+                        30, what="case READY with every slice")
         assert case.n_slices == len(cts)
         assert observer.counts()["instances"] == len(cts)  # no duplicates
     finally:

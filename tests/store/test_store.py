@@ -205,3 +205,12 @@ def test_index_existing_is_idempotent(store):
     assert not store.index_existing(inst, rel, "", 1, 0.0)
     assert store.indexed_paths() == {rel}
     assert store.list_cases()[0].state == "RECEIVED"
+
+
+def test_new_slices_reopen_a_ready_case(store):
+    _put(store, _inst("1.2.3.4.1"))
+    assert store.finish_assembly("1.2.3.4", 1, series_state="ASSEMBLED", case_state=CaseState.READY)
+    _put(store, _inst("1.2.3.4.2"))
+    case = store.list_cases()[0]
+    assert case.state == CaseState.RECEIVED.value
+    assert store.get_series("1.2.3.4").state == "OPEN"
