@@ -53,7 +53,8 @@ def make_settings(tmp_path):
     """Settings factory rooted in a temp dir; keyword sections override defaults."""
 
     def _make(**sections):
-        data = {"storage": {"root": str(tmp_path / "data")}}
+        # One receiving process unless a test asks for more (spawning one costs ~1 s of CPU).
+        data = {"storage": {"root": str(tmp_path / "data")}, "node": {"receive_processes": 1}}
         for k, v in sections.items():
             if isinstance(v, dict):
                 data.setdefault(k, {}).update(v)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 JobHandler = Callable[[dict[str, Any]], None]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in a child process
+def _die_with_parent(parent_pid: int) -> None:  # pragma: no cover - runs in a child process
     """Linux: kill this process the moment the service dies, even by SIGKILL.
 
     SIGKILL, not SIGTERM: a receiver that outlived its service would keep accepting on the shared
@@ -38,10 +38,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in a child process
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    if os.getppid() != parent_pid:  # the service died before we could ask to die with it
+        os._exit(0)
 
 
-def _receiver_main(settings: Settings) -> None:  # pragma: no cover - child process
-    _die_with_parent()
+def _receiver_main(settings: Settings, parent_pid: int) -> None:  # pragma: no cover - child process
+    _die_with_parent(parent_pid)
     run_receiver_process(settings)
 
 
@@ -131,7 +133,7 @@ class Service:
             log.info("removed %d unacknowledged partial file(s) left by a previous run", removed)
         self.scp.start()
         for _ in range(self.settings.node.receive_processes - 1):
-            proc = multiprocessing.get_context("spawn").Process(target=_receiver_main, args=(self.settings,),
+            proc = multiprocessing.get_context("spawn").Process(target=_receiver_main, args=(self.settings, os.getpid()),
                                                                 daemon=True, name="heartloop-receiver")
             proc.start()
             self._receivers.append(proc)

@@ -30,6 +30,7 @@ def write_config(path: Path, *, root: Path, port: int, stable_age_s: float = 1.0
 ae_title = "HEARTLOOP"
 host = "127.0.0.1"
 port = {port}
+receive_processes = 2
 {callers}
 
 [storage]

@@ -79,7 +79,7 @@ def test_push_ct_and_rtdose_becomes_ready_with_exact_geometry(node_settings, tmp
 
 
 def test_eight_parallel_associations_lose_nothing(node_settings, tmp_path):
-    settings = node_settings()
+    settings = node_settings(node={"receive_processes": 2})  # two processes share the port
     pushes = []
     for seed in range(8):
         p = make_patient(100 + seed, rows=128, n_slices=30)
