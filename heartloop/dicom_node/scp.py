@@ -262,8 +262,10 @@ class StorageSCP:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
-        # Received fragments go to <root>/incoming, on the same filesystem as their final
-        # place, so storing is a rename. (tempfile.tempdir is process-wide; this process is ours.)
+        # pynetdicom writes received fragments with NamedTemporaryFile() and no directory: point
+        # the process-wide default at <root>/incoming (same filesystem as their final place, so
+        # storing is a rename) while we run, and put it back on stop().
+        self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.store.files.incoming_dir)
         self.server = self.ae.make_server(
             (self.settings.node.host, self.settings.node.port),
@@ -284,6 +286,9 @@ class StorageSCP:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        if hasattr(self, "_previous_tempdir"):
+            tempfile.tempdir = self._previous_tempdir
+            del self._previous_tempdir
 
 
 def run_receiver_process(settings: Settings) -> None:  # pragma: no cover - runs in a child process

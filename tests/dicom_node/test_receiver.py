@@ -143,3 +143,17 @@ def test_file_meta_is_valid_dicom(tmp_path):
     back = pydicom.dcmread(path)
     assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert back.file_meta.SourceApplicationEntityTitle == "TPS" and back.SOPInstanceUID == "1.2.3.4"
+
+
+def test_pynetdicom_engine_restores_tempdir(make_settings):
+    import tempfile
+
+    before = tempfile.tempdir
+    settings = make_settings(node={"port": free_port(), "engine": "pynetdicom"})
+    store = Store.from_settings(settings)
+    scp = make_node(settings, store)
+    scp.start()
+    assert tempfile.tempdir == str(store.files.incoming_dir)
+    scp.stop()
+    store.dispose()
+    assert tempfile.tempdir == before

@@ -23,7 +23,8 @@ class PostgresServer:
         initdb, postgres = _bin("initdb"), _bin("postgres")
         if not initdb or not postgres:
             raise FileNotFoundError("PostgreSQL server binaries not found (apt-get install postgresql)")
-        self.dir = Path(tempfile.mkdtemp(prefix="hl-pg-"))
+        # Explicitly under /tmp: the postgres user must reach it (pytest's own dirs are root-only).
+        self.dir = Path(tempfile.mkdtemp(prefix="hl-pg-", dir="/tmp"))
         self.port = free_port()
         run_as: list[str] = []
         if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres system user
