@@ -30,7 +30,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 
 from heartloop import __version__
 from heartloop.config import Settings
-from heartloop.dicom_node.scp import STORAGE_SOP_CLASSES, SUCCESS, accept_instance, caller_allowed
+from heartloop.dicom_node.scp import STORAGE_SOP_CLASSES, SUCCESS, ServedNode, accept_instance, caller_allowed
 from heartloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -398,34 +398,15 @@ class StorageReceiverServer(socketserver.ThreadingTCPServer):
         self._slots.release()
 
 
-class StorageReceiver:
+class StorageReceiver(ServedNode):
     """The lean engine behind the same interface as `StorageSCP`: `start()`, `port`, `stop()`."""
 
     def __init__(self, settings: Settings, store: Store, *, reuse_port: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.reuse_port = reuse_port
-        self.server: StorageReceiverServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.server_address[1])
 
     def start(self) -> None:
-        self.server = StorageReceiverServer((self.settings.node.host, self.settings.node.port), self.settings,
-                                            self.store, reuse_port=self.reuse_port)
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="dicom-receiver", daemon=True)
-        self._thread.start()
-        log.info("DICOM node %s listening on %s:%d", self.settings.node.ae_title, self.settings.node.host, self.port)
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        server = StorageReceiverServer((self.settings.node.host, self.settings.node.port), self.settings,
+                                       self.store, reuse_port=self.reuse_port)
+        self._serve(server, "dicom-receiver", self.settings, poll_interval=0.2)

@@ -245,38 +245,22 @@ def event_handlers(store: Store, settings: Settings) -> list:
     ]
 
 
-class StorageSCP:
-    """Our C-ECHO/C-STORE node in this process. `start()` returns once it listens."""
+class ServedNode:
+    """What both receive engines share: a socketserver in a daemon thread; `port`, `stop()`."""
 
-    def __init__(self, settings: Settings, store: Store, *, reuse_port: bool = False) -> None:
-        self.settings = settings
-        self.store = store
-        self.reuse_port = reuse_port
-        self.ae = build_ae(settings)
-        self.server: ThreadedAssociationServer | None = None
-        self._thread: threading.Thread | None = None
+    server: Any = None
+    _thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.server_address[1])
 
-    def start(self) -> None:
-        # pynetdicom writes received fragments with NamedTemporaryFile() and no directory: point
-        # the process-wide default at <root>/incoming (same filesystem as their final place, so
-        # storing is a rename) while we run, and put it back on stop().
-        self._previous_tempdir = tempfile.tempdir
-        tempfile.tempdir = str(self.store.files.incoming_dir)
-        self.server = self.ae.make_server(
-            (self.settings.node.host, self.settings.node.port),
-            ae_title=self.settings.node.ae_title,
-            evt_handlers=event_handlers(self.store, self.settings),
-            server_class=ReusePortAssociationServer if self.reuse_port else ThreadedAssociationServer,
-        )
-        self.ae._servers.append(self.server)  # so AE.shutdown() and server.shutdown() agree
-        self._thread = threading.Thread(target=self.server.serve_forever, name="dicom-scp", daemon=True)
+    def _serve(self, server: Any, name: str, settings: Settings, **serve_kwargs: Any) -> None:
+        self.server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs=serve_kwargs, name=name, daemon=True)
         self._thread.start()
-        log.info("DICOM node %s listening on %s:%d", self.settings.node.ae_title, self.settings.node.host, self.port)
+        log.info("DICOM node %s listening on %s:%d", settings.node.ae_title, settings.node.host, self.port)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -286,6 +270,34 @@ class StorageSCP:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+
+class StorageSCP(ServedNode):
+    """Our C-ECHO/C-STORE node on pynetdicom's acceptor. `start()` returns once it listens."""
+
+    def __init__(self, settings: Settings, store: Store, *, reuse_port: bool = False) -> None:
+        self.settings = settings
+        self.store = store
+        self.reuse_port = reuse_port
+        self.ae = build_ae(settings)
+
+    def start(self) -> None:
+        # pynetdicom writes received fragments with NamedTemporaryFile() and no directory: point
+        # the process-wide default at <root>/incoming (same filesystem as their final place, so
+        # storing is a rename) while we run, and put it back on stop().
+        self._previous_tempdir = tempfile.tempdir
+        tempfile.tempdir = str(self.store.files.incoming_dir)
+        server = self.ae.make_server(
+            (self.settings.node.host, self.settings.node.port),
+            ae_title=self.settings.node.ae_title,
+            evt_handlers=event_handlers(self.store, self.settings),
+            server_class=ReusePortAssociationServer if self.reuse_port else ThreadedAssociationServer,
+        )
+        self.ae._servers.append(server)  # so AE.shutdown() and server.shutdown() agree
+        self._serve(server, "dicom-scp", self.settings)
+
+    def stop(self) -> None:
+        super().stop()
         if hasattr(self, "_previous_tempdir"):
             tempfile.tempdir = self._previous_tempdir
             del self._previous_tempdir
