@@ -122,6 +122,8 @@ class RtstructSettings:
     structure_set_label: str = "HeartLoop"
     #: ROI names in an incoming RTSTRUCT that mean "the heart" (clinical contours).
     heart_roi_names: tuple[str, ...] = ("Heart", "HEART", "Heart_Whole", "heart", "Coeur")
+    #: ROI name of the structure sent back after a dosimetrist corrected it (TG-263 "Heart").
+    corrected_roi_name: str = "Heart"
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,30 @@ class ComputeSettings:
 
 
 @dataclass(frozen=True)
+class DoseSettings:
+    """Dose on structures and the thresholds that flag a difference between two contours.
+
+    A delta between two contours of one case (``other − reference``, e.g. corrected − predicted)
+    is flagged when ``|Δ mean|`` exceeds `delta_mean_gy`, or any other metric moves by more than
+    its own threshold.
+    """
+
+    #: Sub-voxels per axis for boundary voxels of a structure (1 = voxel centres only).
+    supersample: int = 3
+    #: Bin width (Gy) of the cumulative DVH stored with each result and plotted (the scalar metrics
+    #: do not depend on it).
+    dvh_bin_gy: float = 0.1
+    delta_mean_gy: float = 0.5
+    delta_max_gy: float = 2.0
+    delta_d2_gy: float = 1.0
+    delta_d98_gy: float = 1.0
+    #: V5/V10/V20/V30 Gy, in percentage points of the structure's volume.
+    delta_v_pct: float = 5.0
+    #: Volume change relative to the reference structure (%).
+    delta_volume_pct: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything HeartLoop can be told. Build with `load_settings`; passed explicitly, never global."""
 
@@ -158,6 +184,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
+    dose: DoseSettings = field(default_factory=DoseSettings)
 
     # -- derived --------------------------------------------------------------------------------
     @property
@@ -252,7 +279,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if path == ["config"]:
             continue  # HEARTLOOP_CONFIG names the file; not a setting
         value = _coerce_env(raw)
-        if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label"}):
+        if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label", "corrected_roi_name"}):
             value = raw  # strings stay strings even if they look like JSON
         target = data
         for part in path[:-1]:
@@ -303,11 +330,25 @@ def _validate(s: Settings) -> None:
         raise ConfigError("series.max_gap_ratio must be between 1 and 10 (1.6 flags a single missing slice)")
     if not s.rtstruct.roi_name or len(s.rtstruct.roi_name) > 16:
         raise ConfigError("rtstruct.roi_name must be 1-16 characters (TG-263 style, e.g. \"Heart_AI\")")
+    if not s.rtstruct.corrected_roi_name or len(s.rtstruct.corrected_roi_name) > 16:
+        raise ConfigError("rtstruct.corrected_roi_name must be 1-16 characters (TG-263 style, e.g. \"Heart\")")
+    _validate_dose(s.dose)
     if any(not (0 <= c <= 255) for c in s.rtstruct.roi_color):
         raise ConfigError("rtstruct.roi_color must be three integers 0-255, e.g. [255, 0, 0]")
     if s.compute.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", s.compute.device):
         raise ConfigError("compute.device must be \"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"")
     _check_storage_root(s.storage_root)
+
+
+def _validate_dose(d: DoseSettings) -> None:
+    if not (1 <= d.supersample <= 10):
+        raise ConfigError(f"dose.supersample = {d.supersample} must be an integer from 1 to 10 (3 is the default)")
+    _check_positive("dose.dvh_bin_gy", d.dvh_bin_gy)
+    if d.dvh_bin_gy > 5.0:
+        raise ConfigError(f"dose.dvh_bin_gy = {d.dvh_bin_gy} Gy is too coarse for a DVH: use at most 5 Gy (0.1 is usual)")
+    for f in dataclasses.fields(d):
+        if f.name.startswith("delta_") and getattr(d, f.name) < 0:
+            raise ConfigError(f"dose.{f.name} = {getattr(d, f.name)} must be zero or positive (|Δ| above it flags)")
 
 
 def _check_storage_root(root: Path) -> None:

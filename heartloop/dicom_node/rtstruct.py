@@ -52,6 +52,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from heartloop.core import Volume
+from heartloop.core.contours import ContourSlice, PlanarContours
 
 log = logging.getLogger(__name__)
 
@@ -749,10 +750,103 @@ def _fill_even_odd(out: np.ndarray, ij: np.ndarray, lengths: np.ndarray, slice_o
     flat[unique_rows, lo:hi] |= inside
 
 
+#: Contour points of one CLOSED_PLANAR axial contour may differ in z by at most this much (mm); and
+#: contours whose z differ by less lie on one plane.
+_PLANE_TOL_MM = 0.01
+
+
+def rtstruct_contours(
+    ds: Dataset,
+    roi_name: str | None = None,
+    roi_names: Sequence[str] = (),
+) -> PlanarContours:
+    """One ROI of an RTSTRUCT as axial planar contours (no reference grid needed).
+
+    The ROI's CLOSED_PLANAR contours are grouped per z plane (contours within 0.01 mm of z share a
+    plane); each polygon is its ``(N, 2)`` patient ``(x, y)`` in mm. Contours of another geometric
+    type, with fewer than 3 points, with malformed ContourData, or not lying in one axial plane
+    are skipped and counted in a warning. ROI selection is as in `rtstruct_to_mask`.
+
+    Parameters
+    ----------
+    ds
+        The RT Structure Set.
+    roi_name, roi_names
+        Names to look for, in order; compared case-insensitively. With no name at all the RTSTRUCT
+        must hold exactly one ROI.
+
+    Returns
+    -------
+    PlanarContours
+        Named after the ROI as written in the RTSTRUCT, in the ROI's frame of reference
+        (its ReferencedFrameOfReferenceUID, else the structure set's single referenced frame,
+        else the dataset's FrameOfReferenceUID). Empty (``is_empty``) when the ROI has no usable
+        contour.
+
+    Raises
+    ------
+    ValueError
+        If no ROI matches (the message lists the available names) or no frame of reference is stated.
+    """
+    roi_number, roi_for = _select_roi(ds, roi_name, roi_names)
+    if not roi_for:
+        frames = ds.get("ReferencedFrameOfReferenceSequence", [])
+        if len(frames) == 1 and frames[0].get("FrameOfReferenceUID"):
+            roi_for = str(frames[0].FrameOfReferenceUID)
+        elif ds.get("FrameOfReferenceUID"):
+            roi_for = str(ds.FrameOfReferenceUID)
+    if not roi_for:
+        raise ValueError("the RTSTRUCT does not state the frame of reference of its ROI")
+    name = next(
+        (str(r.get("ROIName", "")) for r in ds.get("StructureSetROISequence", [])
+         if _int_or_none(r.get("ROINumber")) == roi_number),
+        "",
+    )
+    contour_items: list[Dataset] = []
+    for roi_contour in ds.get("ROIContourSequence", []):
+        if _int_or_none(roi_contour.get("ReferencedROINumber")) == roi_number:
+            contour_items = list(roi_contour.get("ContourSequence", []))
+            break
+    planes: list[tuple[float, np.ndarray]] = []
+    skipped_type = skipped_malformed = skipped_nonplanar = 0
+    for item in contour_items:
+        if str(item.get("ContourGeometricType", "")).strip() != "CLOSED_PLANAR":
+            skipped_type += 1
+            continue
+        points = _contour_points(item)
+        if points is None or len(points) < 3:
+            skipped_malformed += 1
+            continue
+        z = points[:, 2]
+        if float(np.ptp(z)) > _PLANE_TOL_MM:
+            skipped_nonplanar += 1
+            continue
+        planes.append((float(np.mean(z)), points[:, :2].copy()))
+    if skipped_type or skipped_malformed or skipped_nonplanar:
+        log.warning(
+            "ROI %d: skipped %d non-CLOSED_PLANAR, %d malformed, %d non-axial contours",
+            roi_number, skipped_type, skipped_malformed, skipped_nonplanar,
+        )
+    planes.sort(key=lambda p: p[0])
+    slices: list[ContourSlice] = []
+    group: list[tuple[float, np.ndarray]] = []
+    for z, polygon in planes:
+        if group and z - group[0][0] > _PLANE_TOL_MM:
+            slices.append(ContourSlice(float(np.mean([g[0] for g in group])), tuple(g[1] for g in group)))
+            group = []
+        group.append((z, polygon))
+    if group:
+        slices.append(ContourSlice(float(np.mean([g[0] for g in group])), tuple(g[1] for g in group)))
+    if not slices:
+        log.warning("ROI %d has no usable CLOSED_PLANAR contour", roi_number)
+    return PlanarContours(name=name, frame_of_reference_uid=roi_for, slices=tuple(slices))
+
+
 __all__ = [
     "MAX_CONTOUR_DATA_BYTES",
     "RoiSpec",
     "build_rtstruct",
     "list_rois",
+    "rtstruct_contours",
     "rtstruct_to_mask",
 ]

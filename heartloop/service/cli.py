@@ -224,6 +224,178 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dose -------------------------------------------------------------------------------------------
+
+_STATS_ORDER = ("volume_cc", "mean_gy", "min_gy", "max_gy", "d2_gy", "d98_gy", "v5_pct", "v10_pct", "v20_pct",
+                "v30_pct", "v5_cc", "v10_cc", "v20_cc", "v30_cc", "outside_fraction")
+
+
+def cmd_dose_stats(args: argparse.Namespace) -> int:
+    """Metrics of one RTSTRUCT ROI on an RTDOSE (or the BEAM doses of one plan), from the files alone."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from heartloop.dicom_node.rtdose import DoseError, read_rtdose
+    from heartloop.dicom_node.rtstruct import list_rois, rtstruct_contours
+    from heartloop.dose import dose_on_contours
+
+    settings = _settings(args)
+    try:
+        rtstruct = pydicom.dcmread(args.rtstruct)
+        doses = [pydicom.dcmread(path) for path in args.rtdose]
+        plans = [pydicom.dcmread(path, stop_before_pixels=True) for path in args.rtplan or []]
+    except InvalidDicomError as exc:
+        print(f"error: not a DICOM file: {exc}", file=sys.stderr)
+        return 2
+    if str(rtstruct.get("Modality", "")) != "RTSTRUCT":
+        print(f"error: {args.rtstruct} is not an RTSTRUCT (Modality {rtstruct.get('Modality', '?')})", file=sys.stderr)
+        return 2
+    try:
+        if args.roi:
+            contours = rtstruct_contours(rtstruct, roi_name=args.roi)
+        else:
+            contours = rtstruct_contours(rtstruct, roi_names=settings.rtstruct.heart_roi_names)
+    except ValueError as exc:
+        hint = "" if args.roi else " — name the ROI with --roi NAME"
+        print(f"error: {exc}{hint}", file=sys.stderr)
+        return 2
+    try:
+        if plans:
+            from heartloop.dicom_node.rtdose import select_case_dose
+
+            dose = select_case_dose(doses, frame_of_reference_uid=contours.frame_of_reference_uid, rtplans=plans)
+        else:
+            dose = read_rtdose(doses, frame_of_reference_uid=contours.frame_of_reference_uid)
+        stats = dose_on_contours(contours, dose, supersample=settings.dose.supersample,
+                                 dvh_bin_gy=settings.dose.dvh_bin_gy)
+    except (DoseError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = stats.to_dict()
+    out: dict[str, Any] = {k: metrics[k] for k in _STATS_ORDER if k in metrics}
+    out.update({k: v for k, v in metrics.items() if k not in out})
+    out["roi_name"] = contours.name
+    out["rtdose_sop_instance_uids"] = sorted({str(d.SOPInstanceUID) for d in doses})
+    if args.plot:
+        _plot_dvh(Path(args.plot), stats, contours.name)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"ROI {contours.name!r} ({len(list_rois(rtstruct))} ROI(s) in {args.rtstruct}), "
+          f"dose from {len(doses)} RTDOSE file(s)")
+    units = {"_cc": "cc", "_gy": "Gy", "_pct": "%"}
+    for key in _STATS_ORDER:
+        if key in metrics:
+            unit = next((u for suffix, u in units.items() if key.endswith(suffix)), "")
+            print(f"  {key:<17} {metrics[key]:>10.3f} {unit}")
+    if args.plot:
+        print(f"DVH written to {args.plot}")
+    return 0
+
+
+def _plot_dvh(path: Path, stats: Any, roi_name: str) -> None:
+    """The cumulative DVH as a PNG (matplotlib, Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    try:
+        ax.plot(stats.dvh_dose_gy, stats.dvh_volume_pct, color="tab:red", lw=1.8, label=roi_name)
+        ax.axvline(stats.mean_gy, color="0.4", ls="--", lw=1, label=f"mean {stats.mean_gy:.2f} Gy")
+        ax.set_xlabel("Dose (Gy)")
+        ax.set_ylabel("Volume (%)")
+        ax.set_ylim(0, 102)
+        ax.set_xlim(0, max(float(stats.max_gy) * 1.05, 1.0))
+        ax.grid(alpha=0.3)
+        ax.set_title(f"Cumulative DVH — {roi_name} ({stats.volume_cc:.1f} cc)")
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    finally:
+        plt.close(fig)
+
+
+_EXPORT_COLUMNS = ("kind", "id", "case_id", "label", "reference_label", "other_label", "roi_name", "model_version",
+                   "mean_gy", "mean_delta_gy", "flagged", "reasons", "computed_at", "rtstruct_sop_instance_uid",
+                   "rtdose_sop_instance_uids", "description")
+
+
+def _dose_export_rows(store: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows = store.all_dose_rows()
+    results = []
+    for r in rows.results:
+        results.append({
+            "id": r.id, "case_id": r.case_id, "label": r.label, "roi_name": r.roi_name,
+            "model_version": r.model_version, "mean_gy": r.mean_gy, "computed_at": _iso(r.computed_at),
+            "rtstruct_sop_instance_uid": r.rtstruct_sop_instance_uid,
+            "rtdose_sop_instance_uids": json.loads(r.rtdose_sop_instance_uids or "[]"),
+            "description": r.description, "metrics": json.loads(r.metrics_json),
+        })
+    deltas = []
+    for d in rows.deltas:
+        deltas.append({
+            "id": d.id, "case_id": d.case_id, "reference_label": d.reference_label, "other_label": d.other_label,
+            "reference_result_id": d.reference_result_id, "other_result_id": d.other_result_id,
+            "mean_delta_gy": d.mean_delta_gy, "flagged": bool(d.flagged), "reasons": json.loads(d.reasons or "[]"),
+            "computed_at": _iso(d.computed_at), "delta": json.loads(d.delta_json),
+        })
+    return results, deltas
+
+
+def cmd_dose_export(args: argparse.Namespace) -> int:
+    """Every stored dose result and delta, as CSV or JSON (no patient identifiers: join on case_id)."""
+    import csv
+    import io
+
+    from heartloop.store import Store
+
+    store = Store.from_settings(_settings(args))
+    try:
+        results, deltas = _dose_export_rows(store)
+    finally:
+        store.dispose()
+    if args.format == "json":
+        text = json.dumps({"results": results, "deltas": deltas}, indent=2) + "\n"
+    else:
+        metric_keys: list[str] = []
+        for r in results:
+            for k, v in r["metrics"].items():
+                if not isinstance(v, (list, dict)) and k not in metric_keys and k not in _EXPORT_COLUMNS:
+                    metric_keys.append(k)
+        delta_keys: list[str] = []
+        for d in deltas:
+            for k in d["delta"].get("differences", {}):
+                if f"delta_{k}" not in delta_keys:
+                    delta_keys.append(f"delta_{k}")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=[*_EXPORT_COLUMNS, *metric_keys, *delta_keys], extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        for r in results:
+            row = {k: v for k, v in r.items() if k != "metrics"}
+            row.update({k: v for k, v in r["metrics"].items() if k in metric_keys})
+            row["kind"] = "result"
+            row["rtdose_sop_instance_uids"] = " ".join(r["rtdose_sop_instance_uids"])
+            writer.writerow(row)
+        for d in deltas:
+            row = {k: v for k, v in d.items() if k != "delta"}
+            row.update({f"delta_{k}": v for k, v in d["delta"].get("differences", {}).items()})
+            row["kind"] = "delta"
+            row["reasons"] = "; ".join(d["reasons"])
+            writer.writerow(row)
+        text = buf.getvalue()
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {len(results)} dose result(s) and {len(deltas)} delta(s) to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +469,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("config", help="validate the settings and print the effective values")
     common(sp)
     sp.set_defaults(func=cmd_config)
+
+    dose = sub.add_parser("dose", help="dose on structures: metrics from files, export of stored results",
+                          description="Dose on structures. 'stats' computes the metrics of an RTSTRUCT ROI on an "
+                                      "RTDOSE from the files alone; 'export' writes every stored dose result and "
+                                      "delta for research.")
+    dose_sub = dose.add_subparsers(dest="dose_command", required=True, metavar="SUBCOMMAND")
+    sp = dose_sub.add_parser(
+        "stats", help="volume, mean/min/max, D2/D98, V5-V30 Gy of an RTSTRUCT ROI on an RTDOSE",
+        description="Dose metrics of one RTSTRUCT ROI: its planar contours voxelised and sampled trilinearly in "
+                    "the dose grid (boundary pixels supersampled, dose.supersample). Several --rtdose files follow "
+                    "the case rule: one PLAN dose is used, or the BEAM doses of one plan are summed; anything "
+                    "ambiguous, RELATIVE units or another frame of reference is refused (exit status 2).")
+    sp.add_argument("--config", help="TOML settings file (dose.supersample, dose.dvh_bin_gy, rtstruct.heart_roi_names)")
+    sp.add_argument("--rtstruct", required=True, metavar="FILE", help="RT Structure Set file")
+    sp.add_argument("--rtdose", required=True, action="append", metavar="FILE",
+                    help="RT Dose file (repeat for the BEAM doses of one plan)")
+    sp.add_argument("--rtplan", action="append", metavar="FILE",
+                    help="RT Plan file, optional: checks that the BEAM doses cover every treatment beam")
+    sp.add_argument("--roi", metavar="NAME",
+                    help="ROI name (case-insensitive); default: the first of rtstruct.heart_roi_names present")
+    sp.add_argument("--json", action="store_true", help="print one JSON object (volume_cc, mean_gy, ...)")
+    sp.add_argument("--plot", metavar="PNG", help="write the cumulative DVH as a PNG")
+    sp.set_defaults(func=cmd_dose_stats)
+
+    sp = dose_sub.add_parser(
+        "export", help="every stored dose result and delta as CSV or JSON",
+        description="Write every dose result (one row per structure and computation) and every delta (corrected "
+                    "minus predicted ...) stored for any case. Rows carry case ids, not patient identifiers.")
+    common(sp)
+    sp.add_argument("--format", choices=["csv", "json"], default="csv")
+    sp.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
+    sp.set_defaults(func=cmd_dose_export)
     return p
 
 

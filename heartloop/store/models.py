@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -132,3 +132,47 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class DoseResult(Base):
+    """Dose metrics of one structure of a case on the case's dose (one row per computation).
+
+    `label` says which structure: ``"predicted"``, ``"corrected"``, ``"clinical"``,
+    ``"model:000007"`` ...; `metrics_json` holds every scalar metric (volume_cc, mean_gy, min_gy,
+    max_gy, d2_gy, d98_gy, v5_pct ...) and the DVH; `mean_gy` is repeated as a column for queries.
+    """
+
+    __tablename__ = "dose_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    roi_name: Mapped[str] = mapped_column(String(64), default="")
+    #: The RTSTRUCT the structure was received or sent as, when there is one.
+    rtstruct_sop_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    description: Mapped[str] = mapped_column(String(200), default="")
+    #: JSON list of the SOP Instance UIDs of the RTDOSE instances the dose was read from.
+    rtdose_sop_instance_uids: Mapped[str] = mapped_column(Text, default="[]")
+    model_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    metrics_json: Mapped[str] = mapped_column(Text)
+    mean_gy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    computed_at: Mapped[float] = mapped_column(Float)
+
+
+class DoseDelta(Base):
+    """Difference of the dose metrics of two structures of a case (`other` minus `reference`)."""
+
+    __tablename__ = "dose_deltas"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    reference_label: Mapped[str] = mapped_column(String(64))
+    other_label: Mapped[str] = mapped_column(String(64))
+    reference_result_id: Mapped[int | None] = mapped_column(ForeignKey("dose_results.id"), nullable=True)
+    other_result_id: Mapped[int | None] = mapped_column(ForeignKey("dose_results.id"), nullable=True)
+    delta_json: Mapped[str] = mapped_column(Text)
+    mean_delta_gy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: JSON list of sentences: why the delta was flagged (empty when it was not).
+    reasons: Mapped[str] = mapped_column(Text, default="[]")
+    computed_at: Mapped[float] = mapped_column(Float)

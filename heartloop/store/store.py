@@ -12,7 +12,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from sqlalchemy import Engine, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -23,7 +23,17 @@ from sqlalchemy.orm import Session
 from heartloop.core.states import CaseState, JobState, OutboxState
 from heartloop.store.db import make_engine, migrate, session_factory
 from heartloop.store.files import InstanceFiles
-from heartloop.store.models import Case, CaseEvent, Instance, Job, OutboxItem, Quarantined, Series
+from heartloop.store.models import (
+    Case,
+    CaseEvent,
+    DoseDelta,
+    DoseResult,
+    Instance,
+    Job,
+    OutboxItem,
+    Quarantined,
+    Series,
+)
 
 log = logging.getLogger(__name__)
 
@@ -492,6 +502,83 @@ class Store:
             if case_id is not None:
                 q = q.where(OutboxItem.case_id == case_id)
             return list(s.scalars(q))
+
+    def get_instance(self, sop_instance_uid: str) -> Instance | None:
+        """The stored instance with this SOP Instance UID, if any."""
+        with self.session() as s:
+            return s.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+
+    # -- dose results -------------------------------------------------------------------------------
+    def record_dose(self, case_id: int, *, label: str, metrics: dict[str, Any], mean_gy: float | None,
+                    roi_name: str = "", rtstruct_sop_instance_uid: str | None = None,
+                    rtdose_sop_instance_uids: Sequence[str] = (), model_version: str | None = None,
+                    description: str = "") -> int:
+        """Store the dose metrics of one structure of a case; returns the row id.
+
+        Parameters
+        ----------
+        label
+            Which structure: ``"predicted"``, ``"corrected"``, ``"clinical"``, ``"model:000007"`` ...
+        metrics
+            Plain data (JSON-serialisable): every metric and the DVH.
+        mean_gy
+            The mean dose, also kept as a column.
+        """
+        if not label or len(label) > 64:
+            raise ValueError(f"dose label must be 1-64 characters, got {label!r}")
+        with self.session() as s, s.begin():
+            row = DoseResult(
+                case_id=case_id, label=label, roi_name=roi_name[:64], rtstruct_sop_instance_uid=rtstruct_sop_instance_uid,
+                description=description[:200], rtdose_sop_instance_uids=json.dumps(list(rtdose_sop_instance_uids)),
+                model_version=model_version, metrics_json=json.dumps(metrics, default=_json_default),
+                mean_gy=None if mean_gy is None else float(mean_gy), computed_at=time.time(),
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def dose_results(self, case_id: int, label: str | None = None) -> list[DoseResult]:
+        """The dose rows of a case, oldest first (optionally only one label)."""
+        with self.session() as s:
+            q = select(DoseResult).where(DoseResult.case_id == case_id)
+            if label is not None:
+                q = q.where(DoseResult.label == label)
+            return list(s.scalars(q.order_by(DoseResult.id)))
+
+    def record_dose_delta(self, case_id: int, *, reference_label: str, other_label: str, delta: dict[str, Any],
+                          mean_delta_gy: float | None, flagged: bool, reasons: Sequence[str] = (),
+                          reference_result_id: int | None = None, other_result_id: int | None = None) -> int:
+        """Store the difference of two structures' dose metrics (`other` minus `reference`); returns the id."""
+        with self.session() as s, s.begin():
+            row = DoseDelta(
+                case_id=case_id, reference_label=reference_label, other_label=other_label,
+                reference_result_id=reference_result_id, other_result_id=other_result_id,
+                delta_json=json.dumps(delta, default=_json_default),
+                mean_delta_gy=None if mean_delta_gy is None else float(mean_delta_gy), flagged=bool(flagged),
+                reasons=json.dumps([str(r) for r in reasons]), computed_at=time.time(),
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def dose_deltas(self, case_id: int) -> list[DoseDelta]:
+        """The dose deltas of a case, oldest first."""
+        with self.session() as s:
+            return list(s.scalars(select(DoseDelta).where(DoseDelta.case_id == case_id).order_by(DoseDelta.id)))
+
+    def all_dose_rows(self) -> "DoseRows":
+        """Every dose result and delta of every case (for research export), ordered by case then id."""
+        with self.session() as s:
+            results = list(s.scalars(select(DoseResult).order_by(DoseResult.case_id, DoseResult.id)))
+            deltas = list(s.scalars(select(DoseDelta).order_by(DoseDelta.case_id, DoseDelta.id)))
+        return DoseRows(results, deltas)
+
+
+class DoseRows(NamedTuple):
+    """What `Store.all_dose_rows` returns."""
+
+    results: list[DoseResult]
+    deltas: list[DoseDelta]
 
 
 def _unlink_quietly(path: Path) -> None:
