@@ -8,7 +8,7 @@
    one's error is printed against the closed form for the true shape, and against the closed form for
    the polygons as written (same slab convention for both tools), which isolates each tool's own error.
 2. Speed and agreement on dicompyler-core's own example heart (``rtss.dcm`` ROI "Heart", ``rtdose.dcm``
-   from its sdist): one run each, reading the files included. dicompyler-core runs in its own
+   from its sdist): best of 5 runs each, reading the files included. dicompyler-core runs in its own
    environment (pydicom 2.4) as a subprocess that times itself after its imports; ours runs here
    (`read_rtdose`, `rtstruct_contours`, `dose_on_contours`). Both have first done the phantoms, so
    both are equally warm, and the files are in the page cache before either reads them.
@@ -217,6 +217,9 @@ def _heart_mask_timing(repeats: int = 5) -> tuple[float, float]:
     return best, stats.volume_cc
 
 
+REPEATS = 5
+
+
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
     print("preparing dicompyler-core 0.5.6 (sdist example data, its own environment) ...", flush=True)
@@ -230,11 +233,15 @@ def main(argv: list[str] | None = None) -> None:
         phantoms = _phantom_files(Path(tmp))
         for path in [heart_rtss, heart_rtdose] + [c[k] for c in phantoms for k in ("rtss", "rtdose")]:
             Path(path).read_bytes()  # into the page cache, for both
+        heart_case = {"rtss": heart_rtss, "rtdose": heart_rtdose, "roi": heart_roi}
+        # The example heart REPEATS times for each (best of, reading included every time): a 2-core
+        # host shared with other work makes single runs of ~0.03 s noisy.
         peer = _dicompyler.get_dvh([{k: c[k] for k in ("rtss", "rtdose", "roi")} for c in phantoms]
-                                   + [{"rtss": heart_rtss, "rtdose": heart_rtdose, "roi": heart_roi}])
+                                   + [heart_case] * REPEATS)
         mine = [ours(c["rtss"], c["rtdose"], "Heart") for c in phantoms]
-        heart_ours = ours(heart_rtss, heart_rtdose, "Heart")
-    heart_peer = peer[-1]
+        heart_runs = [ours(heart_rtss, heart_rtdose, "Heart") for _ in range(REPEATS)]
+    heart_ours = min(heart_runs, key=lambda r: r["seconds"])
+    heart_peer = min(peer[len(phantoms):], key=lambda r: r["seconds"])
 
     print("\nanalytic phantoms (RTSTRUCT + RTDOSE files read by both): error in % against the closed form of")
     print("  'shape': the true ellipsoid;  'contours': the 256-gon sections as written, each plane a slab (both")
@@ -265,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     mask_s, mask_cc = _heart_mask_timing()
     print(f"\nCT-grid heart mask 512x512x150 ({mask_cc:.0f} cc) on a 2.5 mm dose grid: dose_on_mask "
           f"{mask_s * 1000:.1f} ms (best of 5)")
-    print("\ndicompyler-core example heart (rtss.dcm 'Heart', rtdose.dcm), one run each, reading included:")
+    print(f"\ndicompyler-core example heart (rtss.dcm 'Heart', rtdose.dcm), best of {REPEATS} runs each, "
+          "reading included:")
     print(f"  ours        {heart_ours['seconds']:.4f} s  volume {heart_ours['volume_cc']:.3f} cc  "
           f"mean {heart_ours['mean_gy']:.5f} Gy")
     print(f"  dicompyler  {heart_peer['seconds']:.4f} s  volume {heart_peer['volume_cc']:.3f} cc  "

@@ -156,8 +156,10 @@ class DoseSettings:
     its own threshold.
     """
 
-    #: Sub-voxels per axis for boundary voxels of a structure (1 = voxel centres only).
+    #: Sub-voxels per axis for boundary voxels of a mask (1 = voxel centres only).
     supersample: int = 3
+    #: Sub-pixels per axis when RTSTRUCT polygons are voxelised on the dose grid's own nodes.
+    contour_supersample: int = 6
     #: Bin width (Gy) of the cumulative DVH stored with each result and plotted (the scalar metrics
     #: do not depend on it).
     dvh_bin_gy: float = 0.1
@@ -341,6 +343,9 @@ def _validate(s: Settings) -> None:
 
 
 def _validate_dose(d: DoseSettings) -> None:
+    if not (1 <= d.contour_supersample <= 16):
+        raise ConfigError(f"dose.contour_supersample = {d.contour_supersample} must be an integer from 1 to 16 "
+                          "(6 is the default)")
     if not (1 <= d.supersample <= 10):
         raise ConfigError(f"dose.supersample = {d.supersample} must be an integer from 1 to 10 (3 is the default)")
     _check_positive("dose.dvh_bin_gy", d.dvh_bin_gy)

@@ -211,7 +211,10 @@ def _read_one(ds: Dataset) -> Volume:
     scaling = float(ds.DoseGridScaling)
     if not np.isfinite(scaling) or scaling <= 0:
         raise DoseError(f"{_label(ds)}: DoseGridScaling must be a positive number, got {ds.DoseGridScaling!r}")
-    dose = (pixels.astype(np.float64) * scaling).astype(np.float32)
+    # float32 straight away (a float64 intermediate costs ~5 ms per plan dose; float32 keeps 7
+    # significant digits, far below dose-grid uncertainty)
+    dose = pixels.astype(np.float32)
+    dose *= np.float32(scaling)
     diffs = np.diff(offsets)
     if n_frames > 1 and np.all(diffs < 0):
         # Frames stored against the normal: reverse so offsets increase, origin at the lowest frame.

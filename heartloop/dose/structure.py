@@ -266,7 +266,7 @@ def dose_on_contours(
     dose: Volume,
     *,
     in_plane_mm: float | None = None,
-    supersample: int = 3,
+    supersample: int = 6,
     dvh_bin_gy: float = 0.01,
 ) -> DoseStats:
     """Dose statistics of planar (RTSTRUCT) contours, voxelised here.
@@ -278,9 +278,11 @@ def dose_on_contours(
     dose
         Dose (Gy) on its own grid, same frame of reference.
     in_plane_mm
-        Pixel size of the voxelisation grid. Default: half the dose grid's pixel spacing along x and
-        along y. The grid is aligned to the dose grid (its pixel centres include the dose grid's
-        nodes whenever `in_plane_mm` divides the dose spacing) and covers the contours' bounding box.
+        Pixel size of the voxelisation grid. Default: the dose grid's own pixel spacing along x and
+        along y, pixels centred on the dose nodes (fine sub-pixels, see `supersample`, resolve the
+        contour edges). The grid is aligned to the dose grid (its pixel centres include the dose
+        grid's nodes whenever `in_plane_mm` divides the dose spacing) and covers the contours'
+        bounding box.
     supersample
         ``s``: each pixel is sampled at ``s × s`` sub-pixel centres (even-odd, centre-inside rule);
         its partial area is the fraction inside and, for pixels cut by a contour, its dose is taken
@@ -311,9 +313,10 @@ def dose_on_contours(
     Accuracy (``python -m bench.dose``, heart-sized ellipsoids, 3 mm and 2 mm dose grids): the volume
     of the polygons as written is found to < 0.015 %, the mean of a linear field to < 0.002 %. In a
     strongly curved field trilinear interpolation itself overestimates between convex nodes (by
-    ``D''·h²/8`` at mid-nodes), +0.05 to +0.14 % for ``D = a + 0.004 Gy/mm² · r²`` here. Pixels centred
-    on the dose nodes avoid most of that (``in_plane_mm`` = the dose spacing with ``supersample=6``:
-    at most 0.035 %, and twice as fast) at the price of a coarser pixel grid.
+    ``D''·h²/8`` at mid-nodes): +0.05 to +0.14 % for ``D = a + 0.004 Gy/mm² · r²`` with pixels of half
+    the dose spacing. Hence the default: pixels centred on the dose nodes with 6 × 6 sub-pixels for the
+    edges — at most 0.04 % on the same phantoms, where dicompyler-core (node samples only) is off by
+    up to 0.14 % on the mean and 0.17 % on the volume.
     """
     _check_frames("contours", contours.frame_of_reference_uid, dose.frame_of_reference_uid)
     s = _check_settings(supersample, dvh_bin_gy)
@@ -329,9 +332,9 @@ def dose_on_contours(
             raise ValueError(f"in_plane_mm must be a positive number, got {in_plane_mm}")
         px = py = float(in_plane_mm)
     elif aligned:
-        px, py = dose.pixel_spacing[1] / 2.0, dose.pixel_spacing[0] / 2.0
+        px, py = dose.pixel_spacing[1], dose.pixel_spacing[0]
     else:
-        px = py = min(dose.pixel_spacing) / 2.0
+        px = py = min(dose.pixel_spacing)
     x_ref, y_ref = (dose.origin[0], dose.origin[1]) if aligned else (0.0, 0.0)
 
     rings = [poly for sl in planes for poly in sl.polygons]

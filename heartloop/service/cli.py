@@ -266,7 +266,7 @@ def cmd_dose_stats(args: argparse.Namespace) -> int:
             dose = select_case_dose(doses, frame_of_reference_uid=contours.frame_of_reference_uid, rtplans=plans)
         else:
             dose = read_rtdose(doses, frame_of_reference_uid=contours.frame_of_reference_uid)
-        stats = dose_on_contours(contours, dose, supersample=settings.dose.supersample,
+        stats = dose_on_contours(contours, dose, supersample=settings.dose.contour_supersample,
                                  dvh_bin_gy=settings.dose.dvh_bin_gy)
     except (DoseError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -478,10 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = dose_sub.add_parser(
         "stats", help="volume, mean/min/max, D2/D98, V5-V30 Gy of an RTSTRUCT ROI on an RTDOSE",
         description="Dose metrics of one RTSTRUCT ROI: its planar contours voxelised and sampled trilinearly in "
-                    "the dose grid (boundary pixels supersampled, dose.supersample). Several --rtdose files follow "
+                    "the dose grid (pixels centred on the dose nodes, dose.contour_supersample sub-pixels per axis). Several --rtdose files follow "
                     "the case rule: one PLAN dose is used, or the BEAM doses of one plan are summed; anything "
                     "ambiguous, RELATIVE units or another frame of reference is refused (exit status 2).")
-    sp.add_argument("--config", help="TOML settings file (dose.supersample, dose.dvh_bin_gy, rtstruct.heart_roi_names)")
+    sp.add_argument("--config", help="TOML settings file (dose.contour_supersample, dose.dvh_bin_gy, rtstruct.heart_roi_names)")
     sp.add_argument("--rtstruct", required=True, metavar="FILE", help="RT Structure Set file")
     sp.add_argument("--rtdose", required=True, action="append", metavar="FILE",
                     help="RT Dose file (repeat for the BEAM doses of one plan)")
