@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ class Store:
             .values(instance_count=series.c.instance_count + 1, last_received_at=bindparam("now"))
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._write_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Any, *, migrate_schema: bool = True) -> "Store":
@@ -125,7 +127,9 @@ class Store:
         )
         for attempt in range(5):
             try:
-                with self.engine.begin() as conn:
+                # One writer at a time in this process: SQLite would make a second one wait in its
+                # busy handler, which sleeps whole milliseconds; a lock hands over in microseconds.
+                with self._write_lock, self.engine.begin() as conn:
                     res = conn.execute(self._insert_instance, values)
                     if res.rowcount == 0:
                         return StoredInstance(False, relpath, None)
