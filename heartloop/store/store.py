@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -85,6 +86,14 @@ class Store:
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._write_lock = threading.Lock()
+        self._raw_sqlite: sqlite3.Connection | None = None
+        if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            self._raw_sqlite = sqlite3.connect(self.engine.url.database, timeout=30, isolation_level=None,
+                                               check_same_thread=False)  # used under _write_lock only
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=30000"):
+                self._raw_sqlite.execute(f"PRAGMA {pragma}")
+            self._raw_insert = _positional_sql(self._insert_instance, self.engine)
+            self._raw_bump = _positional_sql(self._bump_series, self.engine)
 
     @classmethod
     def from_settings(cls, settings: Any, *, migrate_schema: bool = True) -> "Store":
@@ -96,6 +105,9 @@ class Store:
         return self._sessions()
 
     def dispose(self) -> None:
+        if self._raw_sqlite is not None:
+            self._raw_sqlite.close()
+            self._raw_sqlite = None
         self.engine.dispose()
 
     # -- receiving --------------------------------------------------------------------------------
@@ -125,6 +137,10 @@ class Store:
             path=relpath, size_bytes=size_bytes, calling_ae=calling_ae, received_at=now,
             header_json=json.dumps(inst.header, default=_json_default),
         )
+        if self._raw_sqlite is not None:
+            fast = self._store_row_sqlite(values, inst.series_uid, now)
+            if fast is not None:
+                return StoredInstance(fast, relpath, None)
         for attempt in range(5):
             try:
                 # One writer at a time in this process: SQLite would make a second one wait in its
@@ -147,6 +163,36 @@ class Store:
                     raise
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _store_row_sqlite(self, values: dict[str, Any], series_uid: str, now: float) -> bool | None:
+        """The commonest receive (a new instance of an open series) on a raw sqlite3 connection.
+
+        The same two statements as the SQLAlchemy path, compiled from it once; SQLAlchemy's own
+        per-statement work costs ~0.35 ms, a tenth of a slice's budget. Returns True (stored),
+        False (duplicate), or None when the series is new or closed: the caller then takes the
+        full path, in which the series and case rows are created.
+        """
+        raw = self._raw_sqlite
+        assert raw is not None
+        insert_sql, insert_keys, _ = self._raw_insert
+        bump_sql, bump_keys, bump_values = self._raw_bump
+        bump_values = dict(bump_values, uid=series_uid, now=now)
+        with self._write_lock:
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                cur = raw.execute(insert_sql, [values[k] for k in insert_keys])
+                if cur.rowcount == 0:
+                    raw.execute("ROLLBACK")
+                    return False
+                cur = raw.execute(bump_sql, [bump_values[k] for k in bump_keys])
+                if cur.rowcount != 1:
+                    raw.execute("ROLLBACK")
+                    return None
+                raw.execute("COMMIT")
+                return True
+            except BaseException:
+                raw.execute("ROLLBACK")
+                raise
 
     def _touch_series(self, s: Session, inst: NewInstance, now: float) -> int | None:
         series = s.scalar(select(Series).where(Series.series_uid == inst.series_uid))
@@ -583,6 +629,14 @@ class DoseRows(NamedTuple):
 
     results: list[DoseResult]
     deltas: list[DoseDelta]
+
+
+def _positional_sql(statement: Any, engine: Engine) -> tuple[str, list[str], dict[str, Any]]:
+    """SQL text with ``?`` placeholders, its parameter names in order and the literals' values,
+    compiled by SQLAlchemy from the statement the ORM path runs (one definition of each row)."""
+    keys = [c.name for c in Instance.__table__.columns if c.name != "id"] if statement.is_insert else None
+    compiled = statement.compile(dialect=engine.dialect, column_keys=keys)
+    return str(compiled), list(compiled.positiontup or []), dict(compiled.params)
 
 
 def _unlink_quietly(path: Path) -> None:
