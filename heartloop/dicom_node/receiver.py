@@ -177,7 +177,8 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         view = memoryview(self.buf)[:n]
         got = 0
         while got < n:
-            k = self.sock.recv_into(view[got:], n - got)
+            # MSG_WAITALL: one call usually fills the whole PDU (the loop covers timeouts/signals).
+            k = self.sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
             if k == 0:
                 raise PeerClosed()
             got += k
