@@ -8,12 +8,18 @@ import enum
 class CaseState(str, enum.Enum):
     """Where a case is in its lifecycle.
 
-    ``RECEIVED`` → ``READY`` → (later issues: ``PREDICTED`` → ``AWAITING_REVIEW`` → ``CORRECTED`` → ``SENT``).
-    ``INCOMPLETE`` and ``UNSUPPORTED`` are terminal until new instances arrive.
+    ``RECEIVED`` → ``READY`` → ``PREDICTED`` (or ``NO_MODEL`` at cold start: contoured by hand) →
+    (review UI: ``AWAITING_REVIEW`` →) ``CORRECTED`` → ``SENT``.
+    ``INCOMPLETE`` and ``UNSUPPORTED`` are terminal until new instances arrive; any assembled case
+    goes back to ``RECEIVED`` when new slices arrive.
     """
 
     RECEIVED = "RECEIVED"
     READY = "READY"
+    PREDICTED = "PREDICTED"
+    NO_MODEL = "NO_MODEL"
+    CORRECTED = "CORRECTED"
+    SENT = "SENT"
     INCOMPLETE = "INCOMPLETE"
     UNSUPPORTED = "UNSUPPORTED"
     FAILED = "FAILED"

@@ -176,3 +176,42 @@ class DoseDelta(Base):
     #: JSON list of sentences: why the delta was flagged (empty when it was not).
     reasons: Mapped[str] = mapped_column(Text, default="[]")
     computed_at: Mapped[float] = mapped_column(Float)
+
+
+class Prediction(Base):
+    """A predicted heart of a case: mask file (on the CT grid) and the Heart_AI RTSTRUCT kept for review."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    model_version: Mapped[str] = mapped_column(String(32))
+    mask_path: Mapped[str] = mapped_column(String(512))  # relative to the storage root (.npz)
+    rtstruct_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    rtstruct_sop_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    voxels: Mapped[int] = mapped_column(Integer)
+    volume_cc: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Correction(Base):
+    """A reviewer's correction: painted foreground/background (.npz, on the CT grid) of a prediction.
+
+    `kind` is ``"sparse"`` (painted strokes: only painted voxels are labels) or ``"dense"`` (a
+    whole contour, e.g. a clinical RTSTRUCT from the TPS). `split` is the training/validation
+    assignment, fixed once given.
+    """
+
+    __tablename__ = "corrections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(512))  # relative to the storage root (.npz: fg, bg, prediction)
+    corrected_by: Mapped[str] = mapped_column(String(128))
+    split: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    fg_voxels: Mapped[int] = mapped_column(Integer)
+    bg_voxels: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float)

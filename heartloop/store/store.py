@@ -28,11 +28,13 @@ from heartloop.store.files import InstanceFiles
 from heartloop.store.models import (
     Case,
     CaseEvent,
+    Correction,
     DoseDelta,
     DoseResult,
     Instance,
     Job,
     OutboxItem,
+    Prediction,
     Quarantined,
     Series,
 )
@@ -408,6 +410,54 @@ class Store:
                 "cases": s.scalar(select(func.count(Case.id))) or 0,
                 "quarantined": s.scalar(select(func.count(Quarantined.id))) or 0,
             }
+
+    # -- predictions and corrections ------------------------------------------------------------
+    def record_prediction(self, case_id: int, *, model_version: str, mask_path: str, voxels: int, volume_cc: float,
+                          seconds: float, rtstruct_path: str | None = None,
+                          rtstruct_sop_uid: str | None = None) -> int:
+        with self.session() as s, s.begin():
+            row = Prediction(case_id=case_id, model_version=model_version, mask_path=mask_path,
+                             rtstruct_path=rtstruct_path, rtstruct_sop_uid=rtstruct_sop_uid, voxels=voxels,
+                             volume_cc=volume_cc, seconds=seconds, created_at=time.time())
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def predictions(self, case_id: int) -> list[Prediction]:
+        """Every prediction of a case, oldest first (a new model re-predicts; nothing is overwritten)."""
+        with self.session() as s:
+            return list(s.scalars(select(Prediction).where(Prediction.case_id == case_id).order_by(Prediction.id)))
+
+    def latest_prediction(self, case_id: int) -> Prediction | None:
+        rows = self.predictions(case_id)
+        return rows[-1] if rows else None
+
+    def record_correction(self, case_id: int, *, kind: str, path: str, corrected_by: str, fg_voxels: int,
+                          bg_voxels: int, prediction_id: int | None = None, split: str | None = None) -> int:
+        if kind not in ("sparse", "dense"):
+            raise ValueError(f"correction kind must be 'sparse' or 'dense', got {kind!r}")
+        with self.session() as s, s.begin():
+            row = Correction(case_id=case_id, prediction_id=prediction_id, kind=kind, path=path,
+                             corrected_by=corrected_by, split=split, fg_voxels=fg_voxels, bg_voxels=bg_voxels,
+                             created_at=time.time())
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def corrections(self) -> list[Correction]:
+        """Every correction in the order it was saved (the order the trainer sees them)."""
+        with self.session() as s:
+            return list(s.scalars(select(Correction).order_by(Correction.id)))
+
+    def set_correction_split(self, correction_id: int, split: str) -> None:
+        """Fix a correction's training/validation assignment (once: it never moves afterwards)."""
+        with self.session() as s, s.begin():
+            row = s.get(Correction, correction_id)
+            if row is None:
+                raise KeyError(f"no correction {correction_id}")
+            if row.split is not None and row.split != split:
+                raise ValueError(f"correction {correction_id} is already in {row.split!r}; a split never changes")
+            row.split = split
 
     # -- durable job queue ------------------------------------------------------------------------
     def enqueue(self, kind: str, payload: dict[str, Any] | None = None, *, dedupe_key: str | None = None,

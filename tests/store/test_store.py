@@ -214,3 +214,23 @@ def test_new_slices_reopen_a_ready_case(store):
     case = store.list_cases()[0]
     assert case.state == CaseState.RECEIVED.value
     assert store.get_series("1.2.3.4").state == "OPEN"
+
+
+def test_predictions_and_corrections_are_kept(store):
+    _put(store, _inst("1.2.3.4.1"))
+    case = store.list_cases()[0]
+    p1 = store.record_prediction(case.id, model_version="000001", mask_path="predictions/a.npz", voxels=10,
+                                 volume_cc=1.0, seconds=0.5)
+    p2 = store.record_prediction(case.id, model_version="000002", mask_path="predictions/b.npz", voxels=12,
+                                 volume_cc=1.2, seconds=0.4)
+    assert [p.id for p in store.predictions(case.id)] == [p1, p2]
+    assert store.latest_prediction(case.id).model_version == "000002"
+    c = store.record_correction(case.id, kind="sparse", path="corrections/c.npz", corrected_by="A. Dosimetrist",
+                                fg_voxels=5, bg_voxels=3, prediction_id=p2)
+    store.set_correction_split(c, "train")
+    store.set_correction_split(c, "train")
+    with pytest.raises(ValueError, match="never changes"):
+        store.set_correction_split(c, "val")
+    with pytest.raises(ValueError):
+        store.record_correction(case.id, kind="scribble", path="x", corrected_by="x", fg_voxels=0, bg_voxels=0)
+    assert [(r.id, r.split) for r in store.corrections()] == [(c, "train")]
