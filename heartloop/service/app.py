@@ -18,6 +18,7 @@ from heartloop.config import Settings
 from heartloop.core import Volume
 from heartloop.dicom_node.scp import make_node, run_receiver_process
 from heartloop.dicom_node.scu import drain_outbox
+from heartloop.service.contouring import JOB_CONTOUR, ContouringStage
 from heartloop.service.lifecycle import JOB_ASSEMBLE, assemble_series, enqueue_stable_series, recover_index
 from heartloop.store import Store
 
@@ -64,8 +65,10 @@ class Service:
         self.store = Store.from_settings(settings)
         self.scp = make_node(settings, self.store, reuse_port=settings.node.receive_processes > 1)
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.on_ready = on_ready
-        self.handlers: dict[str, JobHandler] = {JOB_ASSEMBLE: self._job_assemble}
+        self.contouring = ContouringStage(self.store, settings)
+        # READY → contour job (a prediction, or NO_MODEL at cold start) unless a caller hooks in.
+        self.on_ready = on_ready if on_ready is not None else self.contouring.enqueue
+        self.handlers: dict[str, JobHandler] = {JOB_ASSEMBLE: self._job_assemble, JOB_CONTOUR: self.contouring.run}
         self._receivers: list[multiprocessing.process.BaseProcess] = []
         self._work_lock = threading.Lock()
         self.started = threading.Event()

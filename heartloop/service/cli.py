@@ -73,12 +73,13 @@ def _demo_push(service, n: int, seed: int) -> None:  # type: ignore[no-untyped-d
         ok = sum(r.ok for r in res)
         print(f"demo: pushed synthetic patient {k + 1}/{n}: {ok}/{len(files)} instances accepted "
               f"in {time.monotonic() - t0:.1f} s", flush=True)
-    print(f"demo: cases become READY {s.series.stable_age_s:.0f} s after their last slice; "
+    print(f"demo: a case is assembled {s.series.stable_age_s:.0f} s after its last slice, then contoured by the "
+          "current model (NO_MODEL until one is trained from corrections); "
           f"watch with: heartloop cases --data-dir {s.storage_root}", flush=True)
     deadline = time.monotonic() + s.series.stable_age_s + 60
     while time.monotonic() < deadline:
         cases = service.store.list_cases()
-        if cases and all(c.state != "RECEIVED" for c in cases):
+        if cases and all(c.state not in ("RECEIVED", "READY") for c in cases):
             break
         time.sleep(1)
     for c in service.store.list_cases():
@@ -396,6 +397,49 @@ def cmd_dose_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- model ------------------------------------------------------------------------------------------
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from heartloop.contouring.registry import ModelRegistry
+    from heartloop.service.contouring import enqueue_repredictions, models_dir
+
+    settings = _settings(args)
+    registry = ModelRegistry(models_dir(settings))
+    if args.action == "rollback":
+        if not args.version:
+            print("model rollback needs a VERSION (see: heartloop model list)", file=sys.stderr)
+            return 2
+        known = {m.version for m in registry.list()}
+        if args.version not in known:
+            print(f"no model version {args.version!r}; known: {sorted(v for v in known if v)}", file=sys.stderr)
+            return 2
+        registry.rollback(args.version, reason=args.reason or "rollback from the command line")
+        from heartloop.store import Store
+
+        store = Store.from_settings(settings)
+        n = enqueue_repredictions(store)
+        store.dispose()
+        print(f"model {args.version} is current again; {n} unreviewed case(s) queued for re-prediction")
+        return 0
+    current = registry.current()
+    metas = registry.list()
+    if args.json:
+        print(json.dumps([{"version": m.version, "parent": m.parent, "created_at": m.created_at,
+                           "n_train_cases": m.n_train_cases, "n_val_cases": m.n_val_cases, "val_dice": m.val_dice,
+                           "current": current is not None and m.version == current.version} for m in metas], indent=2))
+        return 0
+    if not metas:
+        print("no model yet: cases wait as NO_MODEL until corrections train the first one")
+        return 0
+    print(f"{'version':<8} {'parent':<8} {'train':>5} {'val':>4} {'val Dice':>8}  created (UTC)")
+    for m in metas:
+        mark = "  <- current" if current is not None and m.version == current.version else ""
+        dice = f"{m.val_dice:.3f}" if m.val_dice is not None else "-"
+        print(f"{m.version:<8} {m.parent or '-':<8} {m.n_train_cases:>5} {m.n_val_cases:>4} {dice:>8}  "
+              f"{m.created_at}{mark}")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -465,6 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_quarantine)
+
+    sp = sub.add_parser("model", help="list model versions, or roll back to an earlier one",
+                        description="The append-only model registry: 'list' shows every version with its "
+                                    "validation Dice and which is current; 'rollback VERSION' makes an earlier "
+                                    "version current (recorded, nothing deleted) and re-predicts unreviewed cases.")
+    common(sp)
+    sp.add_argument("action", choices=["list", "rollback"])
+    sp.add_argument("version", nargs="?")
+    sp.add_argument("--reason", help="why (kept in the registry's history)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_model)
 
     sp = sub.add_parser("config", help="validate the settings and print the effective values")
     common(sp)

@@ -68,3 +68,8 @@ def start_serve(config: Path, port: int, log_path: Path) -> subprocess.Popen:
         stop_pid(proc)
         raise
     return proc
+
+
+#: States of a case whose series was assembled into a Volume: READY, then at once a contour job
+#: makes it PREDICTED (a model exists) or NO_MODEL (cold start).
+ASSEMBLED = ("READY", "NO_MODEL", "PREDICTED")

@@ -40,11 +40,12 @@ def test_serve_demo_push_cases_and_clean_shutdown(tmp_path):
                                  "--dicom-port", str(port), "--demo", "1"], stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
     try:
-        wait_for(lambda: "demo: case 1: READY" in log_path.read_text(), 120, 0.2, what="the demo case READY")
+        wait_for(lambda: "demo: case 1: NO_MODEL" in log_path.read_text(), 120, 0.2,
+                 what="the demo case assembled (NO_MODEL: no model trained yet)")
         out = subprocess.run([sys.executable, "-m", "heartloop", "cases", "--data-dir", str(data), "--json"],
                              capture_output=True, text=True, timeout=60, env=env)
         cases = json.loads(out.stdout)
-        assert len(cases) == 1 and cases[0]["state"] == "READY" and cases[0]["n_slices"] >= 100
+        assert len(cases) == 1 and cases[0]["state"] == "NO_MODEL" and cases[0]["n_slices"] >= 100
         assert [x["modality"] for x in cases[0]["linked"]] == ["RTDOSE"]
         assert (data / ".running").exists()
         os.kill(proc.pid, signal.SIGTERM)

@@ -15,7 +15,7 @@ from heartloop.phantom import make_patient, write_patient
 from heartloop.store import Store
 from tests.helpers.dcmtk import DCMTK_ENV, parse_storescu, require, storescu
 from tests.helpers.procs import free_port, stop_pid, wait_for
-from tests.helpers.service import start_serve, write_config
+from tests.helpers.service import ASSEMBLED, start_serve, write_config
 
 
 def test_sigkill_mid_push_loses_nothing_acknowledged(tmp_path):
@@ -60,7 +60,7 @@ def test_sigkill_mid_push_loses_nothing_acknowledged(tmp_path):
 
         again = storescu(cts, port)  # the TPS re-sends the whole series
         assert len(again.sent_ok) == len(cts), again.output[-1500:]
-        case = wait_for(lambda: next((c for c in observer.list_cases(["READY"]) if c.n_slices == len(cts)), None),
+        case = wait_for(lambda: next((c for c in observer.list_cases(ASSEMBLED) if c.n_slices == len(cts)), None),
                         30, what="case READY with every slice")
         assert case.n_slices == len(cts)
         assert observer.counts()["instances"] == len(cts)  # no duplicates

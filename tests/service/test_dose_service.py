@@ -24,7 +24,7 @@ from heartloop.service.dose import case_dose, record_structure_dose, report_corr
 from heartloop.service.lifecycle import load_case_volume
 from tests.helpers.dcmtk import StoreSCP, storescu
 from tests.helpers.procs import free_port, wait_for
-from tests.helpers.service import running_service
+from tests.helpers.service import ASSEMBLED, running_service
 
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
 LOOSE = {"delta_max_gy": 1000.0, "delta_d2_gy": 1000.0, "delta_d98_gy": 1000.0, "delta_v_pct": 100.0,
@@ -45,7 +45,7 @@ def _settings(make_settings, tps_port: int, **dose):
 def _push_case(service, files, frame_uid: str, *, with_dose: bool):
     result = storescu(files, service.scp.port)
     assert len(result.sent_ok) == len(files), result.output
-    case = wait_for(lambda: next((c for c in service.store.list_cases(["READY"])
+    case = wait_for(lambda: next((c for c in service.store.list_cases(ASSEMBLED)
                                   if c.frame_of_reference_uid == frame_uid), None), 20, what="case READY")
     if with_dose:
         wait_for(lambda: service.store.linked_series(case.id, "RTDOSE"), 20, what="RTDOSE linked")

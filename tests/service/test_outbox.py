@@ -13,7 +13,7 @@ from heartloop.service.lifecycle import load_case_volume
 from heartloop.service.outputs import queue_structure
 from tests.helpers.dcmtk import StoreSCP, storescu
 from tests.helpers.procs import free_port, wait_for
-from tests.helpers.service import running_service
+from tests.helpers.service import ASSEMBLED, running_service
 
 
 def test_rtstruct_delivered_exactly_once_after_outage_and_restart(make_settings, tmp_path):
@@ -31,7 +31,7 @@ def test_rtstruct_delivered_exactly_once_after_outage_and_restart(make_settings,
     # 1. The CT arrives; we queue a structure while the TPS is down.
     with running_service(settings) as service:
         assert len(storescu(sorted(pdir.glob("CT_*.dcm")), service.scp.port).sent_ok) == 40
-        case = wait_for(lambda: next(iter(service.store.list_cases(["READY"])), None), 15, what="READY")
+        case = wait_for(lambda: next(iter(service.store.list_cases(ASSEMBLED)), None), 15, what="READY")
         ct = load_case_volume(service.store, case.id, settings)
         item = queue_structure(service.store, settings, case.id, ct.with_array(patient.heart_mask),
                                model_version="000001")

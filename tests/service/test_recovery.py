@@ -9,7 +9,7 @@ from heartloop.phantom import make_patient, write_patient
 from heartloop.store.models import Instance, Series
 from tests.helpers.dcmtk import storescu
 from tests.helpers.procs import free_port, wait_for
-from tests.helpers.service import running_service
+from tests.helpers.service import ASSEMBLED, running_service
 
 
 def test_lost_rows_are_reindexed_after_unclean_stop(make_settings, tmp_path):
@@ -20,7 +20,7 @@ def test_lost_rows_are_reindexed_after_unclean_stop(make_settings, tmp_path):
     cts = sorted(write_patient(patient, tmp_path / "tps").glob("CT_*.dcm"))
     with running_service(settings) as service:
         assert len(storescu(cts, service.scp.port).sent_ok) == 20
-        wait_for(lambda: service.store.list_cases(["READY"]), 15, what="READY")
+        wait_for(lambda: service.store.list_cases(ASSEMBLED), 15, what="assembled")
         store = service.store
         # The power cut: the last 6 commits never reached the disk; the files did (fsynced).
         with store.session() as s, s.begin():
@@ -35,5 +35,5 @@ def test_lost_rows_are_reindexed_after_unclean_stop(make_settings, tmp_path):
     (settings.storage_root / ".running").write_text(marker_text)
     with running_service(settings) as service:
         assert service.store.counts()["instances"] == 20
-        wait_for(lambda: service.store.list_cases(["READY"]), 15, what="READY again")
+        wait_for(lambda: service.store.list_cases(ASSEMBLED), 15, what="assembled again")
     assert not (settings.storage_root / ".running").exists()

@@ -1,0 +1,139 @@
+"""Contouring in the service: READY → contour job → PREDICTED (or NO_MODEL at cold start).
+
+A prediction is kept, never overwritten: the mask (``.npz`` on the CT grid) and a ``Heart_AI``
+RTSTRUCT for review, both recording the model version. Nothing is sent to the TPS from here: the
+reviewed (corrected) structure is what goes back.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from heartloop.config import Settings
+from heartloop.core import CaseState, Volume
+from heartloop.dicom_node.rtstruct import RoiSpec, build_rtstruct
+from heartloop.service.lifecycle import load_case_volume
+from heartloop.service.outputs import case_ct_datasets
+from heartloop.store import Store
+
+log = logging.getLogger(__name__)
+
+JOB_CONTOUR = "contour"
+#: Cases in these states are (re-)predicted by a contour job; others (under review, corrected,
+#: sent) keep the prediction the reviewer saw.
+PREDICTABLE = (CaseState.READY.value, CaseState.PREDICTED.value, CaseState.NO_MODEL.value, CaseState.FAILED.value)
+
+
+def models_dir(settings: Settings) -> Path:
+    return settings.storage_root / "models"
+
+
+def contouring_settings(settings: Settings) -> Any:
+    """This machine's runtime knobs (device, threads) on top of the contouring defaults."""
+    from heartloop.contouring.settings import ContouringSettings
+
+    return replace(ContouringSettings(), device=settings.compute.device, threads=settings.compute.threads)
+
+
+def mask_to_npz(mask: np.ndarray) -> bytes:
+    """A bool mask, bit-packed and compressed (a 512×512×150 heart: ~100 kB)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, packed=np.packbits(mask.astype(bool), axis=None), shape=np.array(mask.shape))
+    return buf.getvalue()
+
+
+def mask_from_npz(data: bytes | Path) -> np.ndarray:
+    with np.load(io.BytesIO(data) if isinstance(data, bytes) else data) as z:
+        shape = tuple(int(v) for v in z["shape"])
+        return np.unpackbits(z["packed"], count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+class ContouringStage:
+    """The contour job handler, with the current model's predictor cached per version."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        from heartloop.contouring.registry import ModelRegistry
+
+        self.store = store
+        self.settings = settings
+        self.registry = ModelRegistry(models_dir(settings))
+        self._predictor: Any = None
+        self._lock = threading.Lock()
+
+    def enqueue(self, case_id: int, _volume: Volume | None = None) -> None:
+        """Queue a contour job for a case (the `on_ready` hook of the service)."""
+        self.store.enqueue(JOB_CONTOUR, {"case_id": case_id}, dedupe_key=f"{JOB_CONTOUR}:{case_id}")
+
+    def _current_predictor(self) -> Any:
+        """The predictor of the current model (re-read every job, so a rollback applies at once)."""
+        from heartloop.contouring.inference import Predictor
+
+        current = self.registry.current()
+        if current is None or current.version is None:
+            return None
+        if self._predictor is None or self._predictor.version != current.version:
+            self._predictor = Predictor.load(self.registry, current.version, runtime=contouring_settings(self.settings))
+        return self._predictor
+
+    def run(self, payload: dict[str, Any]) -> None:
+        case_id = int(payload["case_id"])
+        case = self.store.get_case(case_id)
+        if case is None or case.state not in PREDICTABLE:
+            log.info("case %s: not predicted (state %s)", case_id, case.state if case else "gone")
+            return
+        try:
+            with self._lock:
+                self._contour(case_id)
+        except Exception as exc:
+            # A readable reason on the case; the job is retried, and other cases are not blocked.
+            self.store.set_case_state(case_id, CaseState.FAILED, f"contouring failed: {type(exc).__name__}: {exc}")
+            raise
+
+    def _contour(self, case_id: int) -> None:
+        t0 = time.perf_counter()
+        predictor = self._current_predictor()
+        if predictor is None:
+            self.store.set_case_state(case_id, CaseState.NO_MODEL,
+                                      "no model trained yet: contour this case by hand; it will train the first model")
+            return
+        volume = load_case_volume(self.store, case_id, self.settings)
+        prediction = predictor.predict(volume)
+        rel_mask = f"predictions/case{case_id:06d}/{prediction.model_version}-{int(time.time() * 1000)}.npz"
+        self.store.files.write_bytes(rel_mask, mask_to_npz(prediction.mask.array))
+        rel_rs, rs_uid = None, None
+        if not prediction.is_empty:
+            ds = build_rtstruct(prediction.mask, case_ct_datasets(self.store, case_id, self.settings),
+                                roi=RoiSpec(name=self.settings.rtstruct.roi_name, color=self.settings.rtstruct.roi_color,
+                                            algorithm="AUTOMATIC"),
+                                model_version=prediction.model_version, label=self.settings.rtstruct.structure_set_label)
+            buf = io.BytesIO()
+            pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+            rel_rs = rel_mask[:-4] + "-RS.dcm"
+            self.store.files.write_bytes(rel_rs, buf.getvalue())
+            rs_uid = str(ds.SOPInstanceUID)
+        voxel_cc = float(np.prod(volume.voxel_size)) / 1000.0
+        voxels = int(prediction.mask.array.sum())
+        seconds = time.perf_counter() - t0
+        self.store.record_prediction(case_id, model_version=prediction.model_version, mask_path=rel_mask,
+                                     voxels=voxels, volume_cc=voxels * voxel_cc, seconds=seconds,
+                                     rtstruct_path=rel_rs, rtstruct_sop_uid=rs_uid)
+        self.store.set_case_state(case_id, CaseState.PREDICTED, prediction.reason or None)
+        log.info("case %d PREDICTED by model %s in %.1f s (%.0f cc)", case_id, prediction.model_version, seconds,
+                 voxels * voxel_cc)
+
+
+def enqueue_repredictions(store: Store) -> int:
+    """After a promotion: queue a contour job for every case no reviewer has opened yet."""
+    n = 0
+    for case in store.list_cases([CaseState.PREDICTED.value, CaseState.NO_MODEL.value]):
+        n += store.enqueue(JOB_CONTOUR, {"case_id": case.id}, dedupe_key=f"{JOB_CONTOUR}:{case.id}") is not None
+    return n
