@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,13 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+_HEADER_FIELDS = tuple(f.name for f in dataclasses.fields(InstanceHeader) if f.name != "patient_id")
+
+
 def header_to_new_instance(header: InstanceHeader) -> NewInstance:
-    data = dataclasses.asdict(header)
-    data.pop("patient_id", None)  # kept in its own column, not in the header blob
+    # A flat copy of the (immutable, flat) header: dataclasses.asdict deep-copies and costs more.
+    # patient_id is kept in its own column, not in the header blob.
+    data = {name: getattr(header, name) for name in _HEADER_FIELDS}
     return NewInstance(
         sop_instance_uid=header.sop_instance_uid,
         sop_class_uid=header.sop_class_uid,
@@ -111,11 +116,21 @@ def handle_requested(event: evt.Event, settings: Settings) -> None:
         assoc.acse.send_reject(0x01, 0x01, 0x03)
 
 
-def _free_bytes(path: Path) -> int:
+_free_cache: dict[Path, tuple[float, int]] = {}
+
+
+def _free_bytes(path: Path, max_age_s: float = 1.0) -> int:
+    """Free bytes on `path`'s filesystem, re-read at most once a second (statvfs per slice adds up)."""
+    now = time.monotonic()
+    cached = _free_cache.get(path)
+    if cached is not None and now - cached[0] < max_age_s:
+        return cached[1]
     try:
-        return shutil.disk_usage(path).free
+        free = shutil.disk_usage(path).free
     except OSError:  # pragma: no cover
-        return 0
+        free = 0
+    _free_cache[path] = (now, free)
+    return free
 
 
 def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae: str, context_sop_class: str,

@@ -48,6 +48,7 @@ class InstanceFiles:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self._counter = itertools.count()
+        self._known_dirs: set[Path] = set()
         self.instances_dir = self.root / "instances"
         self.quarantine_dir = self.root / "quarantine"
         self.incoming_dir = self.root / "incoming"
@@ -115,7 +116,9 @@ class InstanceFiles:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.parent not in self._known_dirs:  # one mkdir per series, not per slice
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._known_dirs.add(dest.parent)
         try:
             os.link(temp_path, dest)
         except FileExistsError:
