@@ -144,6 +144,12 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class TrainerSettings:
+    #: Run the continual trainer process beside the service (off: a node that only contours).
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class ComputeSettings:
     #: torch device: "cpu", "cuda", "cuda:1", or "auto" (a GPU when present).
     device: str = "auto"
@@ -189,6 +195,7 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
     dose: DoseSettings = field(default_factory=DoseSettings)
 
     # -- derived --------------------------------------------------------------------------------

@@ -48,6 +48,23 @@ def _receiver_main(settings: Settings, parent_pid: int) -> None:  # pragma: no c
     run_receiver_process(settings)
 
 
+def _trainer_main(settings: Settings, parent_pid: int) -> None:  # pragma: no cover - child process
+    # Dies with the service too: a trainer left behind would keep writing checkpoints (and
+    # promoting models) while a restarted service starts its own.
+    _die_with_parent(parent_pid)
+    from heartloop.service.training import trainer_main
+
+    trainer_main(settings)
+
+
+def trainer_enabled(settings: Settings, flag: bool | None = None) -> bool:
+    """Whether `Service.start` runs the continual trainer: `flag` when given, else the setting
+    ``trainer.enabled`` (environment: ``HEARTLOOP_TRAINER__ENABLED=false``)."""
+    if flag is not None:
+        return flag
+    return settings.trainer.enabled
+
+
 class Service:
     """Composition root of `heartloop serve`.
 
@@ -58,10 +75,16 @@ class Service:
     on_ready
         Called with ``(case_id, volume)`` when a case becomes READY (the contouring stage hooks
         in here).
+    trainer
+        Run the continual trainer process (`heartloop.service.training`); ``None``: as the setting
+        ``trainer.enabled`` says.
     """
 
-    def __init__(self, settings: Settings, *, on_ready: Callable[[int, Volume], None] | None = None) -> None:
+    def __init__(self, settings: Settings, *, on_ready: Callable[[int, Volume], None] | None = None,
+                 trainer: bool | None = None) -> None:
         self.settings = settings
+        self.trainer_enabled = trainer_enabled(settings, trainer)
+        self._trainer: multiprocessing.process.BaseProcess | None = None
         self.store = Store.from_settings(settings)
         self.scp = make_node(settings, self.store, reuse_port=settings.node.receive_processes > 1)
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -140,6 +163,11 @@ class Service:
                                                                 daemon=True, name="heartloop-receiver")
             proc.start()
             self._receivers.append(proc)
+        if self.trainer_enabled:
+            self._trainer = multiprocessing.get_context("spawn").Process(
+                target=_trainer_main, args=(self.settings, os.getpid()), daemon=True, name="heartloop-trainer")
+            self._trainer.start()
+            log.info("continual trainer started (pid %s)", self._trainer.pid)
         now = datetime.now().astimezone()
         s = self.settings
         self.scheduler.add_job(self._safe(lambda: enqueue_stable_series(self.store, s), "series scan"), "interval",
@@ -170,6 +198,14 @@ class Service:
             proc.terminate()
         for proc in self._receivers:
             proc.join(timeout=10)
+        if self._trainer is not None:
+            # SIGTERM at any instant is safe: checkpoints and model versions are written atomically.
+            self._trainer.terminate()
+            self._trainer.join(timeout=10)
+            if self._trainer.is_alive():  # pragma: no cover - stuck in native code
+                self._trainer.kill()
+                self._trainer.join(timeout=5)
+            self._trainer = None
         try:
             self._running_marker.unlink()
         except FileNotFoundError:

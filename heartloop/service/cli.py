@@ -440,6 +440,41 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- correct ----------------------------------------------------------------------------------------
+
+def cmd_correct(args: argparse.Namespace) -> int:
+    from heartloop.service.corrections import import_clinical_structure, submit_correction
+    from heartloop.service.lifecycle import load_case_volume
+    from heartloop.service.outputs import mask_from_nifti
+    from heartloop.store import Store
+
+    settings = _settings(args)
+    store = Store.from_settings(settings)
+    try:
+        if store.get_case(args.case) is None:
+            print(f"no case {args.case} (see: heartloop cases)", file=sys.stderr)
+            return 2
+        if args.from_rtstruct:
+            correction_id = import_clinical_structure(store, settings, args.case, corrected_by=args.by or "TPS")
+            if correction_id is None:
+                print(f"case {args.case}: no linked RTSTRUCT has a heart ROI "
+                      f"({', '.join(settings.rtstruct.heart_roi_names)})", file=sys.stderr)
+                return 2
+        else:
+            if not (args.foreground and args.background and args.by):
+                print("correct needs --foreground, --background and --by (or --from-rtstruct)", file=sys.stderr)
+                return 2
+            ct = load_case_volume(store, args.case, settings)
+            fg = mask_from_nifti(Path(args.foreground), ct).array
+            bg = mask_from_nifti(Path(args.background), ct).array
+            correction_id = submit_correction(store, settings, args.case, foreground=fg, background=bg,
+                                              corrected_by=args.by, kind=args.kind)
+    finally:
+        store.dispose()
+    print(f"case {args.case}: correction {correction_id} saved; the case is CORRECTED and the trainer will learn from it")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,6 +555,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reason", help="why (kept in the registry's history)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_model)
+
+    sp = sub.add_parser("correct", help="save a correction of a case's predicted heart (painted masks)",
+                        description="Save a correction of a case's latest prediction: NIfTI masks on the CT grid "
+                                    "(as `heartloop phantom` writes them) of painted foreground (heart the model "
+                                    "missed) and background (non-heart it included). The case becomes CORRECTED "
+                                    "and the continual trainer learns from it. --from-rtstruct instead imports the "
+                                    "heart ROI of a clinical RTSTRUCT the TPS sent for the case, as a dense label.")
+    common(sp)
+    sp.add_argument("--case", type=int, required=True, metavar="N", help="case id (see: heartloop cases)")
+    sp.add_argument("--foreground", metavar="FG.nii.gz", help="painted heart voxels")
+    sp.add_argument("--background", metavar="BG.nii.gz", help="painted non-heart voxels")
+    sp.add_argument("--by", metavar="NAME", help="who corrected")
+    sp.add_argument("--kind", choices=["sparse", "dense"], default="sparse",
+                    help="sparse: only painted voxels are labels (default); dense: the masks are the whole label")
+    sp.add_argument("--from-rtstruct", action="store_true", help="import the clinical heart ROI of a linked RTSTRUCT")
+    sp.set_defaults(func=cmd_correct)
 
     sp = sub.add_parser("config", help="validate the settings and print the effective values")
     common(sp)
