@@ -105,7 +105,9 @@ min_free_disk_bytes = 1048576
                              str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port)
-        time.sleep(0.5 if processes > 1 else 0.1)  # let every receiving process bind
+        # Let start-up settle before timing: receiving processes bind and the trainer process
+        # finishes importing (~1 s of CPU) — a running service's idle trainer only polls.
+        time.sleep(3.0)
         dt = _push(files, port, "HEARTLOOP", associations)
         import sqlite3
 

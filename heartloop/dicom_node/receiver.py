@@ -169,6 +169,7 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         self.buf = bytearray(64 * 1024)
         self.command = bytearray()
         self.incoming: _Incoming | None = None
+        self._spare: Path | None = None
 
     # socket primitives
     def _recv_exact(self, n: int) -> memoryview:
@@ -241,6 +242,12 @@ class AssociationHandler(socketserver.BaseRequestHandler):
             self._discard_incoming()
 
     def _discard_incoming(self) -> None:
+        if self._spare is not None:
+            try:
+                os.unlink(self._spare)
+            except OSError:
+                pass
+            self._spare = None
         if self.incoming is not None:
             try:
                 self.incoming.fh.close()
@@ -340,7 +347,7 @@ class AssociationHandler(socketserver.BaseRequestHandler):
             raise ProtocolError("a new C-STORE request before the previous data set ended")
         sop_class = _uid_value(cmd.get(0x0002))
         sop_instance = _uid_value(cmd.get(0x1000))
-        path = self.store.files.new_temp(suffix=".dcm")
+        path, self._spare = (self._spare or self.store.files.new_temp(suffix=".dcm")), None
         fh = open(path, "wb", buffering=1024 * 1024)
         meta = self._file_meta(sop_class, sop_instance, self.contexts[cid].transfer_syntax)
         fh.write(meta)
@@ -366,6 +373,9 @@ class AssociationHandler(socketserver.BaseRequestHandler):
             comment = reason.encode("ascii", "replace")[:64]
             elements.append((0x0902, comment + (b" " if len(comment) % 2 else b"")))
         self._send_command(inc.context_id, elements)
+        # While the sender prepares its next request: create the next temp file now, off the path
+        # between its data and our answer (a file creation costs ~0.1 ms under write load).
+        self._spare = self.store.files.new_temp(suffix=".dcm")
 
     def _send_command(self, cid: int, elements: list[tuple[int, bytes]]) -> None:
         command = encode_command(elements)

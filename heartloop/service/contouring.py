@@ -126,9 +126,32 @@ class ContouringStage:
         self.store.record_prediction(case_id, model_version=prediction.model_version, mask_path=rel_mask,
                                      voxels=voxels, volume_cc=voxels * voxel_cc, seconds=seconds,
                                      rtstruct_path=rel_rs, rtstruct_sop_uid=rs_uid)
-        self.store.set_case_state(case_id, CaseState.PREDICTED, prediction.reason or None)
+        reason = prediction.reason or None
+        if not prediction.is_empty:
+            reason = self._record_predicted_dose(case_id, prediction) or reason
+        self.store.set_case_state(case_id, CaseState.PREDICTED, reason)
         log.info("case %d PREDICTED by model %s in %.1f s (%.0f cc)", case_id, prediction.model_version, seconds,
                  voxels * voxel_cc)
+
+
+    def _record_predicted_dose(self, case_id: int, prediction: Any) -> str | None:
+        """The mean heart dose (and DVH metrics) of the prediction, when the case has an RTDOSE.
+
+        Returns a note for the case when the dose could not be used (the prediction stands)."""
+        from heartloop.dicom_node.rtdose import DoseError, MissingDoseError
+        from heartloop.service.dose import record_structure_dose
+
+        try:
+            stats = record_structure_dose(self.store, self.settings, case_id, prediction.mask, label="predicted",
+                                          model_version=prediction.model_version,
+                                          roi_name=self.settings.rtstruct.roi_name)
+        except MissingDoseError:
+            return None  # no RTDOSE pushed (yet): nothing to compute
+        except DoseError as exc:
+            log.warning("case %d: predicted heart dose not computed: %s", case_id, exc)
+            return f"predicted; dose not computed: {exc}"
+        log.info("case %d: predicted heart mean dose %.2f Gy", case_id, stats.mean_gy)
+        return None
 
 
 def enqueue_repredictions(store: Store) -> int:

@@ -70,9 +70,10 @@ def test_pushed_ct_is_predicted_with_valid_rtstruct_and_rollback(make_settings, 
     versions = [m.version for m in registry.list()]
     current = registry.current().version
     patient = make_patient(50, rows=96, n_slices=32)
-    cts = sorted(write_patient(patient, tmp_path / "tps").glob("CT_*.dcm"))
+    pdir = write_patient(patient, tmp_path / "tps")
+    cts = sorted(pdir.glob("CT_*.dcm"))
     with running_service(settings) as service:
-        assert len(storescu(cts, service.scp.port).sent_ok) == len(cts)
+        assert len(storescu(cts + [pdir / "RD.dcm"], service.scp.port).sent_ok) == len(cts) + 1
         case = wait_for(lambda: next(iter(service.store.list_cases(["PREDICTED"])), None), 60, what="PREDICTED")
         prediction = service.store.latest_prediction(case.id)
         assert prediction.model_version == current
@@ -92,6 +93,14 @@ def test_pushed_ct_is_predicted_with_valid_rtstruct_and_rollback(make_settings, 
             out = subprocess.run(["dciodvfy", str(rs_path)], capture_output=True, text=True, timeout=60)
             assert not [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")]
         assert service.store.outputs() == []  # a prediction is for review: nothing goes to the TPS yet
+        # The case has an RTDOSE: the prediction's mean heart dose is on record, with its model.
+        from heartloop.dose import dose_on_mask
+
+        doses = service.store.dose_results(case.id)
+        assert [(d.label, d.model_version) for d in doses] == [("predicted", current)]
+        expected = dose_on_mask(ct.with_array(mask), patient.dose.with_array(patient.dose.array.astype(np.float32)),
+                                supersample=settings.dose.supersample)
+        assert doses[0].mean_gy == pytest.approx(expected.mean_gy, rel=1e-3)
 
         # Roll back: the next prediction of this (unreviewed) case uses the older version.
         older = next(v for v in versions if v != current)
