@@ -21,8 +21,8 @@ import pydicom
 from heartloop.config import Settings
 from heartloop.core import CaseState, Volume
 from heartloop.dicom_node.rtstruct import RoiSpec, build_rtstruct
-from heartloop.service.lifecycle import load_case_volume
-from heartloop.service.outputs import case_ct_datasets
+from heartloop.dicom_node.series import load_ct_volume
+from heartloop.service.lifecycle import case_series_uid, ordered_series
 from heartloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,16 @@ class ContouringStage:
             self.store.set_case_state(case_id, CaseState.NO_MODEL,
                                       "no model trained yet: contour this case by hand; it will train the first model")
             return
-        volume = load_case_volume(self.store, case_id, self.settings)
+        # One validation pass serves both the volume and the RTSTRUCT's CT references.
+        geometry, paths = ordered_series(self.store, self.settings, case_series_uid(self.store, case_id))
+        volume = load_ct_volume(paths, geometry)
         prediction = predictor.predict(volume)
         rel_mask = f"predictions/case{case_id:06d}/{prediction.model_version}-{int(time.time() * 1000)}.npz"
         self.store.files.write_bytes(rel_mask, mask_to_npz(prediction.mask.array))
         rel_rs, rs_uid = None, None
         if not prediction.is_empty:
-            ds = build_rtstruct(prediction.mask, case_ct_datasets(self.store, case_id, self.settings),
+            cts = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+            ds = build_rtstruct(prediction.mask, cts,
                                 roi=RoiSpec(name=self.settings.rtstruct.roi_name, color=self.settings.rtstruct.roi_color,
                                             algorithm="AUTOMATIC"),
                                 model_version=prediction.model_version, label=self.settings.rtstruct.structure_set_label)

@@ -16,7 +16,7 @@ from typing import Callable
 from heartloop.config import Settings
 from heartloop.core import CaseState, SeriesError, Volume
 from heartloop.dicom_node.headers import InstanceHeader
-from heartloop.dicom_node.series import load_ct_volume, validate_ct_series
+from heartloop.dicom_node.series import SeriesGeometry, load_ct_volume, validate_ct_series
 from heartloop.store import Store
 from heartloop.store.models import Instance
 
@@ -52,17 +52,29 @@ class AssemblyResult:
     reason: str | None = None
 
 
-def load_case_volume(store: Store, case_id: int, settings: Settings) -> Volume:
-    """The CT `Volume` of a case from its stored instances (validated again: files are the truth)."""
+def ordered_series(store: Store, settings: Settings, series_uid: str) -> tuple[SeriesGeometry, list[Path]]:
+    """Validate a stored CT series with the configured rules; its geometry and files in slice order.
+
+    Raises `SeriesError` (INCOMPLETE / UNSUPPORTED with a reason) like `validate_ct_series`.
+    """
+    rows = store.series_instances(series_uid)
+    geometry = validate_ct_series([header_from_row(r) for r in rows], max_gap_ratio=settings.series.max_gap_ratio,
+                                  min_slices=settings.series.min_slices, max_slices=settings.series.max_slices)
+    by_uid = {r.sop_instance_uid: store.files.abspath(r.path) for r in rows}
+    return geometry, [by_uid[u] for u in geometry.sop_instance_uids]
+
+
+def case_series_uid(store: Store, case_id: int) -> str:
     case = store.get_case(case_id)
     if case is None:
         raise KeyError(f"no case {case_id}")
-    rows = store.series_instances(case.ct_series_uid)
-    headers = [header_from_row(r) for r in rows]
-    geometry = validate_ct_series(headers, max_gap_ratio=settings.series.max_gap_ratio,
-                                  min_slices=settings.series.min_slices, max_slices=settings.series.max_slices)
-    by_uid = {r.sop_instance_uid: store.files.abspath(r.path) for r in rows}
-    return load_ct_volume([by_uid[u] for u in geometry.sop_instance_uids], geometry)
+    return case.ct_series_uid
+
+
+def load_case_volume(store: Store, case_id: int, settings: Settings) -> Volume:
+    """The CT `Volume` of a case from its stored instances (validated again: files are the truth)."""
+    geometry, paths = ordered_series(store, settings, case_series_uid(store, case_id))
+    return load_ct_volume(paths, geometry)
 
 
 def assemble_series(store: Store, settings: Settings, series_uid: str,
@@ -75,14 +87,10 @@ def assemble_series(store: Store, settings: Settings, series_uid: str,
     if series.modality != "CT":
         return _link_rt(store, series)
     seen = series.instance_count
-    rows = store.series_instances(series_uid)
     case = store.case_for_series(series_uid)
     try:
-        headers = [header_from_row(r) for r in rows]
-        geometry = validate_ct_series(headers, max_gap_ratio=settings.series.max_gap_ratio,
-                                      min_slices=settings.series.min_slices, max_slices=settings.series.max_slices)
-        by_uid = {r.sop_instance_uid: store.files.abspath(r.path) for r in rows}
-        volume = load_ct_volume([by_uid[u] for u in geometry.sop_instance_uids], geometry)
+        geometry, paths = ordered_series(store, settings, series_uid)
+        volume = load_ct_volume(paths, geometry)
     except SeriesError as exc:
         state = exc.state.value
         if store.finish_assembly(series_uid, seen, series_state=state, case_state=exc.state, reason=exc.reason):

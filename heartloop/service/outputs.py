@@ -12,8 +12,7 @@ import pydicom
 from heartloop.config import Settings
 from heartloop.core import Volume
 from heartloop.dicom_node.rtstruct import RoiSpec, build_rtstruct
-from heartloop.service.lifecycle import header_from_row
-from heartloop.dicom_node.series import validate_ct_series
+from heartloop.service.lifecycle import case_series_uid, ordered_series
 from heartloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -21,15 +20,8 @@ log = logging.getLogger(__name__)
 
 def case_ct_datasets(store: Store, case_id: int, settings: Settings) -> list[pydicom.Dataset]:
     """The CT headers of a case (no pixel data), in slice order."""
-    case = store.get_case(case_id)
-    if case is None:
-        raise KeyError(f"no case {case_id}")
-    rows = store.series_instances(case.ct_series_uid)
-    geometry = validate_ct_series([header_from_row(r) for r in rows], max_gap_ratio=settings.series.max_gap_ratio,
-                                  min_slices=settings.series.min_slices, max_slices=settings.series.max_slices)
-    by_uid = {r.sop_instance_uid: r for r in rows}
-    return [pydicom.dcmread(store.files.abspath(by_uid[u].path), stop_before_pixels=True)
-            for u in geometry.sop_instance_uids]
+    _geometry, paths = ordered_series(store, settings, case_series_uid(store, case_id))
+    return [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
 
 
 def queue_structure(store: Store, settings: Settings, case_id: int, mask: Volume, *, model_version: str,
