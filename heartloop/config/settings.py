@@ -127,6 +127,9 @@ class RtstructSettings:
     heart_roi_names: tuple[str, ...] = ("Heart", "HEART", "Heart_Whole", "heart", "Coeur")
     #: ROI name of the structure sent back after a dosimetrist corrected it (TG-263 "Heart").
     corrected_roi_name: str = "Heart"
+    #: Approval status of the corrected RTSTRUCT sent back: "UNAPPROVED" (default: the TPS user
+    #: approves) or "APPROVED" (the reviewer's save counts as approval — a department's decision).
+    corrected_approval_status: str = "UNAPPROVED"
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,19 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class HttpSettings:
+    """The review UI's web server (served inside `heartloop serve`)."""
+
+    #: Serve the review UI (off: a headless DICOM node).
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    #: Worker threads of the WSGI server.
+    threads: int = 8
+    #: Log a reviewer out after this many minutes without a request.
+    idle_timeout_min: float = 30.0
+    #: Mark session cookies ``Secure`` (browsers still send them to http://localhost and 127.0.0.1;
+    #: put the UI behind TLS on any other address).
+    secure_cookies: bool = True
 
 
 @dataclass(frozen=True)
@@ -291,7 +305,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if path == ["config"]:
             continue  # HEARTLOOP_CONFIG names the file; not a setting
         value = _coerce_env(raw)
-        if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label", "corrected_roi_name"}):
+        if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label", "corrected_roi_name", "corrected_approval_status"}):
             value = raw  # strings stay strings even if they look like JSON
         target = data
         for part in path[:-1]:
@@ -306,6 +320,13 @@ def _validate(s: Settings) -> None:
     _check_ae("node.ae_title", s.node.ae_title)
     _check_port("node.port", s.node.port, allow_zero=True)
     _check_port("http.port", s.http.port, allow_zero=True)
+    if not (1 <= s.http.threads <= 256):
+        raise ConfigError("http.threads must be between 1 and 256")
+    if not (s.http.idle_timeout_min > 0):
+        raise ConfigError("http.idle_timeout_min must be > 0 (minutes)")
+    if s.rtstruct.corrected_approval_status not in ("UNAPPROVED", "APPROVED"):
+        raise ConfigError(f"rtstruct.corrected_approval_status = {s.rtstruct.corrected_approval_status!r}: "
+                          "use \"UNAPPROVED\" or \"APPROVED\"")
     for n, caller in enumerate(s.node.allowed_callers):
         _check_ae(f"node.allowed_callers[{n}].ae_title", caller.ae_title)
     seen = set()

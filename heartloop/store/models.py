@@ -215,3 +215,50 @@ class Correction(Base):
     fg_voxels: Mapped[int] = mapped_column(Integer)
     bg_voxels: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[float] = mapped_column(Float)
+    #: Active annotation time in the viewer (gaps over 20 s excluded), when it came from the UI.
+    active_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Dice(prediction, corrected contour) at save time (None at cold start).
+    dice: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class User(Base):
+    """A person who may use the review UI. `role` is ``reviewer`` or ``admin`` (physicist/admin)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Person name for DICOM outputs (``Family^Given``); empty: the username is used.
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class AuditEntry(Base):
+    """One row of the append-only audit log, chained: `hash` = sha256(`prev_hash` + the row's content)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float)
+    actor: Mapped[str] = mapped_column(String(64))  # username, or "system"
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "login", "view_case", "save_correction"
+    target: Mapped[str] = mapped_column(String(128), default="")  # e.g. "case:12", "model:000003"
+    detail_json: Mapped[str] = mapped_column(Text, default="{}")
+    #: Unique: two writers appending at once cannot both chain onto the same row (one retries).
+    prev_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class InteractionEvent(Base):
+    """A reviewer's interaction with a case in the viewer (paint, scroll, window, ...), for timing."""
+
+    __tablename__ = "interaction_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    username: Mapped[str] = mapped_column(String(64))
+    at: Mapped[float] = mapped_column(Float)  # epoch seconds, as the browser saw it
+    kind: Mapped[str] = mapped_column(String(32))

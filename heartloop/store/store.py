@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from heartloop.core.states import CaseState, JobState, OutboxState
 from heartloop.store.db import make_engine, migrate, session_factory
 from heartloop.store.files import InstanceFiles
+from heartloop.store.people import ReviewRecords
 from heartloop.store.models import (
     Case,
     CaseEvent,
@@ -68,7 +69,7 @@ class StoredInstance:
     case_id: int | None
 
 
-class Store:
+class Store(ReviewRecords):
     """Database + files. Build once per process; safe to share between threads."""
 
     def __init__(self, root: Path, database_url: str, *, migrate_schema: bool = True) -> None:
@@ -433,13 +434,14 @@ class Store:
         return rows[-1] if rows else None
 
     def record_correction(self, case_id: int, *, kind: str, path: str, corrected_by: str, fg_voxels: int,
-                          bg_voxels: int, prediction_id: int | None = None, split: str | None = None) -> int:
+                          bg_voxels: int, prediction_id: int | None = None, split: str | None = None,
+                          active_seconds: float | None = None, dice: float | None = None) -> int:
         if kind not in ("sparse", "dense"):
             raise ValueError(f"correction kind must be 'sparse' or 'dense', got {kind!r}")
         with self.session() as s, s.begin():
             row = Correction(case_id=case_id, prediction_id=prediction_id, kind=kind, path=path,
                              corrected_by=corrected_by, split=split, fg_voxels=fg_voxels, bg_voxels=bg_voxels,
-                             created_at=time.time())
+                             created_at=time.time(), active_seconds=active_seconds, dice=dice)
             s.add(row)
             s.flush()
             return row.id
