@@ -1,4 +1,4 @@
-"""People, the audit log and interaction events: the review UI's part of the `Store`.
+"""People, the audit log, interaction events and the worklist: the review UI's part of the `Store`.
 
 Kept apart from the DICOM side of the store; `Store` inherits these methods (`ReviewRecords`).
 The audit log is append-only and chained: every row stores the hash of the row before it and its
@@ -14,14 +14,44 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from heartloop.store.models import AuditEntry, InteractionEvent, User
+from heartloop.core.states import CaseState
+from heartloop.store.models import AuditEntry, Case, DoseDelta, DoseResult, InteractionEvent, Prediction, User
 
 ROLES = ("reviewer", "admin")
 GENESIS_HASH = "0" * 64
+#: States a reviewer can open and save a correction in (cold start included).
+REVIEWABLE_STATES = (CaseState.PREDICTED.value, CaseState.NO_MODEL.value)
+#: `DoseResult.label` of the predicted heart's dose (service/dose.py and service/contouring.py).
+PREDICTED_DOSE_LABEL = "predicted"
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    """One case as the worklist shows it (no patient name: it is not stored; the ID is the Case's)."""
+
+    id: int
+    state: str
+    reason: str | None
+    arrived_at: float
+    updated_at: float
+    n_slices: int | None
+    patient_id: str
+    model_version: str | None
+    predicted_mean_gy: float | None
+    mean_delta_gy: float | None
+    dose_flagged: bool
+
+    @property
+    def incomplete(self) -> bool:
+        return self.state == CaseState.INCOMPLETE.value
+
+    @property
+    def reviewable(self) -> bool:
+        return self.state in REVIEWABLE_STATES
 
 
 def audit_hash(prev_hash: str, at: float, actor: str, action: str, target: str, detail_json: str) -> str:
@@ -142,6 +172,76 @@ class ReviewRecords:
                     return AuditCheck(False, n, row.id, "its content does not match its hash (the row was edited)")
                 prev = row.hash
         return AuditCheck(True, n)
+
+    # -- worklist ---------------------------------------------------------------------------------
+    def worklist(self, *, states: Iterable[str] | None = None, flagged: bool | None = None,
+                 case_id: int | None = None, limit: int | None = None) -> list[WorklistRow]:
+        """Cases with their newest prediction, predicted dose and dose delta, newest arrival first.
+
+        One SQL statement whatever the number of cases (the newest row of each table per case is
+        found by a grouped subquery, not one query per case).
+
+        Parameters
+        ----------
+        states
+            Only cases in these states.
+        flagged
+            True: only cases with a flagged dose delta or an incomplete series; False: only the others.
+        case_id
+            Only this case.
+        limit
+            At most this many rows.
+        """
+        newest_pred = (select(Prediction.case_id, func.max(Prediction.id).label("id"))
+                       .group_by(Prediction.case_id).subquery())
+        newest_dose = (select(DoseResult.case_id, func.max(DoseResult.id).label("id"))
+                       .where(DoseResult.label == PREDICTED_DOSE_LABEL).group_by(DoseResult.case_id).subquery())
+        newest_delta = (select(DoseDelta.case_id, func.max(DoseDelta.id).label("id"))
+                        .group_by(DoseDelta.case_id).subquery())
+        q = (select(Case.id, Case.state, Case.reason, Case.created_at, Case.updated_at, Case.n_slices,
+                    Case.patient_id, Prediction.model_version, DoseResult.mean_gy, DoseDelta.mean_delta_gy,
+                    DoseDelta.flagged)
+             .outerjoin(newest_pred, newest_pred.c.case_id == Case.id)
+             .outerjoin(Prediction, Prediction.id == newest_pred.c.id)
+             .outerjoin(newest_dose, newest_dose.c.case_id == Case.id)
+             .outerjoin(DoseResult, DoseResult.id == newest_dose.c.id)
+             .outerjoin(newest_delta, newest_delta.c.case_id == Case.id)
+             .outerjoin(DoseDelta, DoseDelta.id == newest_delta.c.id)
+             .order_by(Case.created_at.desc(), Case.id.desc()))
+        states = [str(x) for x in states] if states else None
+        if states:
+            q = q.where(Case.state.in_(states))
+        if case_id is not None:
+            q = q.where(Case.id == case_id)
+        is_flagged = or_(and_(DoseDelta.flagged.is_not(None), DoseDelta.flagged.is_(True)),
+                         Case.state == CaseState.INCOMPLETE.value)
+        if flagged is True:
+            q = q.where(is_flagged)
+        elif flagged is False:
+            q = q.where(~is_flagged)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.session() as s:
+            rows = s.execute(q).all()
+        return [WorklistRow(id=r[0], state=r[1], reason=r[2], arrived_at=r[3], updated_at=r[4], n_slices=r[5],
+                            patient_id=r[6] or "", model_version=r[7], predicted_mean_gy=r[8], mean_delta_gy=r[9],
+                            dose_flagged=bool(r[10])) for r in rows]
+
+    def next_reviewable_case(self, after_case_id: int | None = None) -> int | None:
+        """The case to review next: the oldest reviewable one, or with `after_case_id` the first
+        reviewable case that arrived after it (wrapping round to the oldest other one)."""
+        order = (Case.created_at, Case.id)
+        with self.session() as s:
+            base = select(Case.id).where(Case.state.in_(REVIEWABLE_STATES)).order_by(*order).limit(1)
+            if after_case_id is None:
+                return s.scalar(base)
+            this = s.execute(select(Case.created_at, Case.id).where(Case.id == after_case_id)).first()
+            if this is None:
+                raise KeyError(f"no case {after_case_id}")
+            later = s.scalar(base.where(tuple_(*order) > tuple_(this[0], this[1])))
+            if later is not None:
+                return later
+            return s.scalar(base.where(Case.id != after_case_id))
 
     # -- interaction events -----------------------------------------------------------------------
     def record_interactions(self, case_id: int, username: str, events: Iterable[tuple[float, str]]) -> int:
