@@ -19,7 +19,9 @@ from heartloop.dicom_node.headers import CANNOT_UNDERSTAND, CT_IMAGE_STORAGE, In
 
 EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-_HEAD = 64 * 1024
+#: How much of a slice file the fast reader looks at (the header of a CT slice is far smaller).
+HEAD_BYTES = 64 * 1024
+_HEAD = HEAD_BYTES
 _PIXEL_DATA = 0x7FE00010
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"OD", b"OL", b"OV", b"UC", b"UR", b"SV", b"UV"}
@@ -85,18 +87,24 @@ def _floats(raw: bytes, n: int) -> tuple[float, ...]:
     return numbers
 
 
-def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int) -> InstanceHeader | None:
+def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int, *, head: bytes | None = None,
+                   size: int | None = None) -> InstanceHeader | None:
     """The header of a CT slice file written by our receiver, or ``None`` (use `read_header`).
 
+    `head` (the file's first ``dataset_offset + HEAD_BYTES`` bytes, or all of a shorter file) and
+    `size` (the file's length), when the receiver kept them, spare reading the file back.
     Raises `DatasetRejected` only for what it can tell for sure: pixel data cut short.
     """
     if transfer_syntax not in (EXPLICIT_VR_LE, IMPLICIT_VR_LE):
         return None
     explicit = transfer_syntax == EXPLICIT_VR_LE
-    with open(path, "rb") as fh:
-        size = fh.seek(0, 2)
-        fh.seek(0)
-        buf = fh.read(dataset_offset + _HEAD)
+    if head is not None and size is not None:
+        buf = head[:dataset_offset + _HEAD]
+    else:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(0)
+            buf = fh.read(dataset_offset + _HEAD)
     values: dict[str, bytes] = {}
     pos = dataset_offset
     try:

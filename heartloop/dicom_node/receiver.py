@@ -23,14 +23,15 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 
 from heartloop import __version__
 from heartloop.config import Settings
-from heartloop.dicom_node.scp import STORAGE_SOP_CLASSES, SUCCESS, ServedNode, accept_instance, caller_allowed
+from heartloop.dicom_node.fastheader import HEAD_BYTES
+from heartloop.dicom_node.scp import (STORAGE_SOP_CLASSES, SUCCESS, ReceivedFile, ServedNode, accept_instance,
+                                      caller_allowed)
 from heartloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -146,11 +147,32 @@ class _Context:
 class _Incoming:
     """A C-STORE whose data set is being streamed to a file."""
 
-    def __init__(self, path: Path, fh: BinaryIO, context_id: int, message_id: int, sop_class: str,
-                 sop_instance: str) -> None:
-        self.path, self.fh, self.context_id = path, fh, context_id
+    def __init__(self, path: Path, fd: int, context_id: int, message_id: int, sop_class: str,
+                 sop_instance: str, meta: bytes) -> None:
+        self.path, self.fd, self.context_id = path, fd, context_id
         self.message_id, self.sop_class, self.sop_instance = message_id, sop_class, sop_instance
-        self.dataset_offset = 0
+        self.dataset_offset = len(meta)
+        # The first bytes of the file, kept as they stream past: the header is parsed from them
+        # instead of reading the file back.
+        self.head = bytearray()
+        self.head_limit = len(meta) + HEAD_BYTES
+        self.size = 0
+        self.write(meta)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Write straight to the file descriptor (no buffer copy; short writes retried)."""
+        if len(self.head) < self.head_limit:
+            self.head += data[:self.head_limit - len(self.head)]
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        self.size += len(data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class AssociationHandler(socketserver.BaseRequestHandler):
@@ -250,7 +272,7 @@ class AssociationHandler(socketserver.BaseRequestHandler):
             self._spare = None
         if self.incoming is not None:
             try:
-                self.incoming.fh.close()
+                self.incoming.close()
                 os.unlink(self.incoming.path)
             except OSError:
                 pass
@@ -329,7 +351,7 @@ class AssociationHandler(socketserver.BaseRequestHandler):
             else:  # data set fragment
                 if self.incoming is None or self.incoming.context_id != cid:
                     raise ProtocolError("data set fragment without a C-STORE request")
-                self.incoming.fh.write(fragment)
+                self.incoming.write(fragment)
                 if control & 0x02:
                     self._finish_store()
 
@@ -348,11 +370,13 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         sop_class = _uid_value(cmd.get(0x0002))
         sop_instance = _uid_value(cmd.get(0x1000))
         path, self._spare = (self._spare or self.store.files.new_temp(suffix=".dcm")), None
-        fh = open(path, "wb", buffering=1024 * 1024)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
         meta = self._file_meta(sop_class, sop_instance, self.contexts[cid].transfer_syntax)
-        fh.write(meta)
-        self.incoming = _Incoming(path, fh, cid, message_id, sop_class, sop_instance)
-        self.incoming.dataset_offset = len(meta)
+        try:
+            self.incoming = _Incoming(path, fd, cid, message_id, sop_class, sop_instance, meta)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _file_meta(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
         return file_meta_bytes(sop_class, sop_instance, transfer_syntax, self.calling_ae)
@@ -360,13 +384,16 @@ class AssociationHandler(socketserver.BaseRequestHandler):
     def _finish_store(self) -> None:
         inc = self.incoming
         assert inc is not None
-        inc.fh.close()
         self.incoming = None
-        status, reason = accept_instance(self.store, self.settings, inc.path, calling_ae=self.calling_ae,
-                                         context_sop_class=self.contexts[inc.context_id].sop_class,
-                                         command_sop_instance=inc.sop_instance,
-                                         transfer_syntax=self.contexts[inc.context_id].transfer_syntax,
-                                         dataset_offset=inc.dataset_offset)
+        try:
+            status, reason = accept_instance(self.store, self.settings, inc.path, calling_ae=self.calling_ae,
+                                             context_sop_class=self.contexts[inc.context_id].sop_class,
+                                             command_sop_instance=inc.sop_instance,
+                                             transfer_syntax=self.contexts[inc.context_id].transfer_syntax,
+                                             dataset_offset=inc.dataset_offset,
+                                             received=ReceivedFile(inc.fd, bytes(inc.head), inc.size))
+        finally:
+            inc.close()
         elements = [(0x0002, _pad_uid(inc.sop_class)), (0x0100, _us(C_STORE_RSP)), (0x0120, _us(inc.message_id)),
                     (0x0800, _us(NO_DATASET)), (0x0900, _us(status)), (0x1000, _pad_uid(inc.sop_instance))]
         if status != SUCCESS and reason:

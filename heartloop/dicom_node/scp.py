@@ -7,7 +7,9 @@ Nothing slow runs here: assembly, contouring and sending happen in the service's
 
 from __future__ import annotations
 
+
 import dataclasses
+from dataclasses import dataclass
 import logging
 import os
 import shutil
@@ -133,18 +135,31 @@ def _free_bytes(path: Path, max_age_s: float = 1.0) -> int:
     return free
 
 
+@dataclass(frozen=True)
+class ReceivedFile:
+    """What the lean receiver still holds of a file it just wrote: its open descriptor (fsynced
+    through it, no reopen), its first bytes (the header is parsed from them) and its size."""
+
+    fd: int
+    head: bytes
+    size: int
+
+
 def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae: str, context_sop_class: str,
                     command_sop_instance: str, transfer_syntax: str | None = None,
-                    dataset_offset: int | None = None) -> tuple[int, str | None]:
+                    dataset_offset: int | None = None, received: ReceivedFile | None = None) -> tuple[int, str | None]:
     """Check and durably store one received dataset file; the DIMSE status to answer and why.
 
     Shared by both receive engines. Success (0x0000) is returned only after the file is fsynced
     in place and its row committed; a refused dataset is quarantined with the reason.
     """
-    try:
-        size = temp.stat().st_size
-    except OSError:
-        size = 0
+    if received is not None:
+        size = received.size
+    else:
+        try:
+            size = temp.stat().st_size
+        except OSError:
+            size = 0
     try:
         if size > settings.limits.max_instance_bytes:
             raise DatasetRejected(OUT_OF_RESOURCES, f"dataset of {size} bytes exceeds limits.max_instance_bytes")
@@ -155,7 +170,9 @@ def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae:
             return OUT_OF_RESOURCES, "storage full on the receiving node"
         header = None
         if transfer_syntax is not None and dataset_offset is not None and context_sop_class == CT_IMAGE_STORAGE:
-            header = fast_ct_header(temp, transfer_syntax, dataset_offset)
+            header = fast_ct_header(temp, transfer_syntax, dataset_offset,
+                                    head=received.head if received is not None else None,
+                                    size=received.size if received is not None else None)
         if header is None:
             header = read_header(temp)
         if header.sop_class_uid != context_sop_class:
@@ -181,7 +198,8 @@ def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae:
         log.warning("refused C-STORE from %s: 0x%04X %s", calling_ae, exc.status, exc.reason)
         return exc.status, exc.reason
     try:
-        result = store.store_instance(header_to_new_instance(header), temp, calling_ae, size)
+        result = store.store_instance(header_to_new_instance(header), temp, calling_ae, size,
+                                      fd=received.fd if received is not None else None)
     except Exception as exc:
         log.exception("could not store a received %s instance", header.modality or "DICOM")
         try:

@@ -106,16 +106,20 @@ class InstanceFiles:
         fsync_dir(dest.parent)
         return dest
 
-    def place_new(self, temp_path: Path, dest: Path) -> bool:
+    def place_new(self, temp_path: Path, dest: Path, *, fd: int | None = None) -> bool:
         """Durably put `temp_path` at `dest` only if nothing is there yet (atomic, via a hard link).
 
-        Returns False, leaving `temp_path` untouched, when `dest` already exists.
+        Returns False, leaving `temp_path` untouched, when `dest` already exists. `fd`: an open
+        descriptor of `temp_path` to fsync through (spares reopening the file).
         """
-        fd = os.open(temp_path, os.O_RDONLY)
-        try:
+        if fd is not None:
             os.fsync(fd)
-        finally:
-            os.close(fd)
+        else:
+            own = os.open(temp_path, os.O_RDONLY)
+            try:
+                os.fsync(own)
+            finally:
+                os.close(own)
         if dest.parent not in self._known_dirs:  # one mkdir per series, not per slice
             dest.parent.mkdir(parents=True, exist_ok=True)
             self._known_dirs.add(dest.parent)

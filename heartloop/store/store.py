@@ -118,15 +118,17 @@ class Store(ReviewRecords):
         with self.session() as s:
             return s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None
 
-    def store_instance(self, inst: NewInstance, temp_path: Path, calling_ae: str, size_bytes: int) -> StoredInstance:
+    def store_instance(self, inst: NewInstance, temp_path: Path, calling_ae: str, size_bytes: int, *,
+                       fd: int | None = None) -> StoredInstance:
         """Move the received file into place durably and commit its row; idempotent per SOP UID.
 
         Returns only after the file is fsynced in place and the row committed — the caller may then
-        answer success. A duplicate SOP Instance UID keeps the first file and row.
+        answer success. A duplicate SOP Instance UID keeps the first file and row. `fd`: an open
+        descriptor of `temp_path` the writer still holds (fsynced through it; the caller closes it).
         """
         relpath = self.files.instance_relpath(inst.study_uid, inst.series_uid, inst.sop_instance_uid)
         dest = self.files.root / relpath  # safe by construction: every component is uid_component()
-        if not self.files.place_new(temp_path, dest):
+        if not self.files.place_new(temp_path, dest, fd=fd):
             # The path exists: a duplicate, or a file a crash left before its row was committed
             # (never acknowledged, so it may be replaced).
             if self.instance_exists(inst.sop_instance_uid):
@@ -461,6 +463,16 @@ class Store(ReviewRecords):
                 raise ValueError(f"correction {correction_id} is already in {row.split!r}; a split never changes")
             row.split = split
 
+    def get_correction(self, correction_id: int) -> Correction | None:
+        with self.session() as s:
+            return s.get(Correction, correction_id)
+
+    def latest_correction(self, case_id: int) -> Correction | None:
+        """The newest correction of a case (the one that is sent and that training uses)."""
+        with self.session() as s:
+            return s.scalar(select(Correction).where(Correction.case_id == case_id)
+                            .order_by(Correction.id.desc()).limit(1))
+
     # -- durable job queue ------------------------------------------------------------------------
     def enqueue(self, kind: str, payload: dict[str, Any] | None = None, *, dedupe_key: str | None = None,
                 delay_s: float = 0.0, max_attempts: int = 3) -> int | None:
@@ -536,6 +548,11 @@ class Store(ReviewRecords):
                 job.state = JobState.PENDING.value
                 job.not_before = time.time() + retry_in_s
             return job.state
+
+    def job_state(self, dedupe_key: str) -> str | None:
+        """State of the newest job enqueued with `dedupe_key` (None when there is none)."""
+        with self.session() as s:
+            return s.scalar(select(Job.state).where(Job.dedupe_key == dedupe_key).order_by(Job.id.desc()).limit(1))
 
     def jobs(self, state: str | None = None) -> list[Job]:
         with self.session() as s:
