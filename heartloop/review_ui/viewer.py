@@ -29,7 +29,6 @@ bp = Blueprint("viewer", __name__)
 
 EXTENSION = "heartloop_volumes"
 MAX_EVENTS_PER_BATCH = 2000
-REVIEWABLE = (CaseState.PREDICTED.value, CaseState.NO_MODEL.value)
 #: States in which a case has a complete CT and may receive a (new) correction.
 CORRECTABLE = (CaseState.PREDICTED.value, CaseState.NO_MODEL.value, CaseState.FAILED.value,
                CaseState.CORRECTED.value, CaseState.SENT.value)
@@ -93,35 +92,18 @@ def _binary(view: memoryview | bytes, etag: str) -> Response:
 
 
 def next_case_id(after: int | None) -> int | None:
-    """The next reviewable case: the oldest one after `after`, else the oldest other one."""
-    ids = [c.id for c in store().list_cases(list(REVIEWABLE)) if c.id != after]
-    if not ids:
-        return None
-    later = [i for i in ids if after is not None and i > after]
-    return (later or ids)[0]
+    """The next reviewable case after `after` (the store's rule, wrapping round), or None."""
+    try:
+        return store().next_reviewable_case(after)
+    except KeyError:
+        return store().next_reviewable_case(None)
 
 
 def _case_fields(case: Any) -> dict[str, Any]:
-    """The worklist's case fields (docs/review-api.md) — the worklist's own builder when present."""
-    from heartloop.review_ui import worklist
+    """The worklist's case fields (docs/review-api.md, "Worklist"), built by the worklist."""
+    from heartloop.review_ui.worklist import case_summary
 
-    builder = getattr(worklist, "case_json", None)
-    if callable(builder):
-        try:
-            return dict(builder(case))
-        except Exception:  # noqa: BLE001 — fall back to the viewer's own fields
-            log.exception("worklist.case_json failed; using the viewer's case fields")
-    st = store()
-    prediction = st.latest_prediction(case.id)
-    predicted = [r for r in st.dose_results(case.id, "predicted")]
-    return {
-        "id": case.id, "state": case.state, "reason": case.reason, "arrived_at": case.created_at,
-        "updated_at": case.updated_at, "n_slices": case.n_slices,
-        "model_version": prediction.model_version if prediction else None,
-        "predicted_mean_gy": predicted[-1].mean_gy if predicted else None, "mean_delta_gy": None,
-        "dose_flagged": False, "incomplete": case.state == CaseState.INCOMPLETE.value,
-        "reviewable": case.state in REVIEWABLE, "patient_name": None, "patient_id": case.patient_id,
-    }
+    return case_summary(store(), case.id) or {"id": case.id, "state": case.state}
 
 
 def _box_arg(value: Any, shape: Sequence[int], name: str = "box") -> Box | None:
