@@ -165,6 +165,14 @@ def _anonymous_answer() -> Any:
     return redirect(url_for("auth.login_page", next=request.full_path.rstrip("?")))
 
 
+def _forget_user() -> None:
+    """End the login but keep the CSRF token, so the login form or script can log in again."""
+    token = session.get("csrf")
+    session.clear()
+    if token:
+        session["csrf"] = token
+
+
 def load_user_and_check() -> Any:
     """`before_request`: idle timeout, current user into ``g.user``, login, then CSRF on state changes."""
     g.user = None
@@ -173,13 +181,13 @@ def load_user_and_check() -> Any:
     uid = session.get("uid")
     if uid is not None:
         if at - float(session.get("seen", 0)) > idle_s:
-            session.clear()
+            _forget_user()
             g.session_expired = True
         else:
             user = store().get_user_by_id(int(uid))
             if (user is None or not user.active
                     or not hmac.compare_digest(session.get("pwv", ""), password_fingerprint(user.password_hash))):
-                session.clear()  # deactivated, deleted or password changed: this session is over
+                _forget_user()  # deactivated, deleted or password changed: this session is over
             else:
                 g.user = user
                 session["seen"] = at
