@@ -607,6 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["csv", "json"], default="csv")
     sp.add_argument("--out", metavar="FILE", help="output file (default: standard output)")
     sp.set_defaults(func=cmd_dose_export)
+
+    from heartloop.service.cli_users import register as register_user_commands
+
+    register_user_commands(sub, common, _settings)
     return p
 
 
