@@ -100,6 +100,8 @@ root = "{root / 'data'}"
 stable_age_s = 3600
 [limits]
 min_free_disk_bytes = 1048576
+[http]
+enabled = false
 """)
     proc = subprocess.Popen([sys.executable, "-m", "heartloop", "--log-level", "WARNING", "serve", "--config",
                              str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
