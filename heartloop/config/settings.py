@@ -164,6 +164,35 @@ class TrainerSettings:
 
 
 @dataclass(frozen=True)
+class ContouringConfig:
+    """``[contouring]``: the network and its training (mapped onto the engine's
+    `heartloop.contouring.settings.ContouringSettings`, which validates the values and documents
+    each one; device and threads come from ``[compute]``). The defaults are the engine's: a
+    narrow 3D U-Net that trains on a 2-core CPU. Tests and demos on tiny CTs shrink it."""
+
+    width: int = 16
+    depth: int = 3
+    groupnorm_groups: int = 8
+    localiser_voxel_mm: tuple[float, float, float] = (6.0, 6.0, 6.0)
+    organ_voxel_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    localiser_patch_size: tuple[int, int, int] = (48, 64, 64)
+    organ_patch_size: tuple[int, int, int] = (48, 64, 64)
+    margin_mm: float = 20.0
+    learning_rate: float = 1e-3
+    batch_size: int = 2
+    epochs_without_progress_restart: int = 60
+    accepted_voxel_weight: float = 0.25
+    #: "auto" (bfloat16 where the CPU/GPU has it natively), "fp32" or "bf16".
+    precision: str = "auto"
+    #: Torch threads of the background trainer; 0 = all cores.
+    training_threads: int = 0
+    #: Training samples per epoch while there is no validation case (RootPainter3D: 128).
+    epoch_length_without_validation: int = 128
+    #: Fewest training samples per epoch once there is validation data (RootPainter3D: 64).
+    min_epoch_length: int = 64
+
+
+@dataclass(frozen=True)
 class ComputeSettings:
     #: torch device: "cpu", "cuda", "cuda:1", or "auto" (a GPU when present).
     device: str = "auto"
@@ -211,6 +240,7 @@ class Settings:
     compute: ComputeSettings = field(default_factory=ComputeSettings)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     dose: DoseSettings = field(default_factory=DoseSettings)
+    contouring: ContouringConfig = field(default_factory=ContouringConfig)
 
     # -- derived --------------------------------------------------------------------------------
     @property
@@ -305,7 +335,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if path == ["config"]:
             continue  # HEARTLOOP_CONFIG names the file; not a setting
         value = _coerce_env(raw)
-        if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label", "corrected_roi_name", "corrected_approval_status"}):
+        if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label", "corrected_roi_name", "corrected_approval_status", "precision"}):
             value = raw  # strings stay strings even if they look like JSON
         target = data
         for part in path[:-1]:
@@ -366,6 +396,10 @@ def _validate(s: Settings) -> None:
     if not s.rtstruct.corrected_roi_name or len(s.rtstruct.corrected_roi_name) > 16:
         raise ConfigError("rtstruct.corrected_roi_name must be 1-16 characters (TG-263 style, e.g. \"Heart\")")
     _validate_dose(s.dose)
+    if s.contouring.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"contouring.precision = {s.contouring.precision!r}: use \"auto\", \"fp32\" or \"bf16\"")
+    if s.contouring.epoch_length_without_validation < 1 or s.contouring.min_epoch_length < 1:
+        raise ConfigError("contouring.epoch_length_without_validation and contouring.min_epoch_length must be >= 1")
     if any(not (0 <= c <= 255) for c in s.rtstruct.roi_color):
         raise ConfigError("rtstruct.roi_color must be three integers 0-255, e.g. [255, 0, 0]")
     if s.compute.device != "auto" and not re.match(r"^(cpu|cuda(:\d+)?|mps)$", s.compute.device):

@@ -178,6 +178,17 @@ def box_from_mm(volume: Volume, box_mm: tuple[Any, Any]) -> Box:
     return tuple((int(lo_ijk[a]), int(hi_ijk[a])) for a in (2, 1, 0))  # type: ignore[return-value]
 
 
+def check_box(box: Any, shape: tuple[int, ...]) -> Box:
+    """`box` as a `Box` of ints, or `ValueError` when it is empty or not inside a grid of `shape`."""
+    try:
+        ranges = tuple((int(lo), int(hi)) for lo, hi in box)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"box {box!r} is not ((k0, k1), (j0, j1), (i0, i1))") from exc
+    if len(ranges) != 3 or any(lo < 0 or hi > n or hi <= lo for (lo, hi), n in zip(ranges, shape)):
+        raise ValueError(f"box {box!r} is empty or not inside the CT grid {tuple(shape)} (half-open voxel ranges)")
+    return ranges  # type: ignore[return-value]
+
+
 def add_margin(volume: Volume, box: Box, margin_mm: float) -> Box:
     """Widen `box` by `margin_mm` on every side, clipped to the CT; slices by true offsets."""
     (k0, k1), (j0, j1), (i0, i1) = box
@@ -311,7 +322,7 @@ class Predictor:
         back = grid.ct_positions_in_grid(ct, box)
         return resample_separable(organ_probability, back)
 
-    def predict(self, ct: Volume, box_mm: tuple[Any, Any] | None = None) -> Prediction:
+    def predict(self, ct: Volume, box_mm: tuple[Any, Any] | None = None, *, box: Box | None = None) -> Prediction:
         """Predict the heart on `ct` (an int16 HU `Volume`).
 
         Parameters
@@ -321,10 +332,23 @@ class Predictor:
         box_mm
             Optional ``(min corner, max corner)`` in patient mm from a reviewer; it replaces the
             localiser (no margin is added: the reviewer's box is what they meant).
+        box
+            Optional CT index box ``((k0, k1), (j0, j1), (i0, i1))`` (half-open) from a reviewer
+            who drew it on the slices; it replaces the localiser like `box_mm`. Give at most one.
+
+        Raises
+        ------
+        ValueError
+            Both boxes given, or a box that is empty or not inside the CT.
         """
         empty = ct.with_array(np.zeros(ct.shape, dtype=bool))
-        if box_mm is not None:
-            box: Box | None = box_from_mm(ct, box_mm)
+        if box is not None and box_mm is not None:
+            raise ValueError("give the reviewer's box in voxels (box) or in mm (box_mm), not both")
+        if box is not None:
+            box = check_box(box, ct.shape)
+            source = "reviewer"
+        elif box_mm is not None:
+            box = box_from_mm(ct, box_mm)
             source = "reviewer"
         else:
             box = self.localise(ct)

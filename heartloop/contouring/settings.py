@@ -81,6 +81,9 @@ class ContouringSettings:
         than two here, so rather than halving the trainer's threads, the trainer should pause
         between optimiser steps (~0.5 s each) while an inference job is waiting: two processes
         each running 2 OpenMP threads on 2 cores slow each other down far more than either alone.
+    epoch_length_without_validation, min_epoch_length
+        Training samples per epoch without validation data, and the fewest with it (RootPainter3D:
+        128 and 64; see `heartloop.contouring.split.epoch_length`). Tiny models in tests lower them.
     """
 
     width: int = 16
@@ -102,6 +105,8 @@ class ContouringSettings:
     precision: str = "auto"
     threads: int = 0
     training_threads: int = 0
+    epoch_length_without_validation: int = 128
+    min_epoch_length: int = 64
 
     def __post_init__(self) -> None:
         if not (4 <= self.width <= 256):
@@ -140,5 +145,7 @@ class ContouringSettings:
             raise ValueError(f"device = {self.device!r}: use \"auto\", \"cpu\", \"cuda\", \"cuda:N\" or \"mps\"")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision = {self.precision!r}: use \"auto\", \"fp32\" or \"bf16\"")
+        if self.epoch_length_without_validation < 1 or self.min_epoch_length < 1:
+            raise ValueError("epoch_length_without_validation and min_epoch_length must be at least 1")
         if self.threads < 0 or self.training_threads < 0:
             raise ValueError("threads and training_threads must be zero (torch default) or positive")

@@ -78,14 +78,16 @@ def assign_splits(case_ids: Iterable[str], assignments: Mapping[str, Split] | No
     return result
 
 
-def epoch_length(n_val_patches: int, has_val: bool) -> int:
+def epoch_length(n_val_patches: int, has_val: bool, *, without_validation: int = EPOCH_LENGTH_WITHOUT_VALIDATION,
+                 minimum: int = MIN_EPOCH_LENGTH) -> int:
     """Training samples per epoch: ``max(64, 2 × validation patches)``, or 128 without validation.
 
     Tying the epoch to the validation size keeps validation (run after every epoch) from
-    dominating the trainer's time as validation grows.
+    dominating the trainer's time as validation grows. `without_validation` and `minimum`
+    replace 128 and 64 (tiny models in tests and demos).
     """
     if n_val_patches < 0:
         raise ValueError(f"n_val_patches = {n_val_patches} must be zero or positive")
     if not has_val:
-        return EPOCH_LENGTH_WITHOUT_VALIDATION
-    return max(MIN_EPOCH_LENGTH, 2 * n_val_patches)
+        return without_validation
+    return max(minimum, 2 * n_val_patches)

@@ -321,7 +321,9 @@ class TrainingData:
         return total
 
     def epoch_samples(self) -> int:
-        return epoch_length(self.n_validation_patches(), has_val=bool(self.validation_ids))
+        return epoch_length(self.n_validation_patches(), has_val=bool(self.validation_ids),
+                            without_validation=self.settings.epoch_length_without_validation,
+                            minimum=self.settings.min_epoch_length)
 
     def stage_arrays(self, case_id: str, stage: str) -> StageArrays:
         """The case on a stage's grid (cached: resampling once per correction, not per patch)."""

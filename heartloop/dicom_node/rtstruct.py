@@ -159,6 +159,7 @@ def build_rtstruct(
     model_version: str,
     label: str = "HeartLoop",
     operator: str | None = None,
+    approval_status: str = "UNAPPROVED",
 ) -> Dataset:
     """Build an RT Structure Set holding one ROI traced from a mask.
 
@@ -178,11 +179,15 @@ def build_rtstruct(
     operator
         Person responsible (the reviewer of a corrected structure): OperatorsName and
         ROIInterpreter. Empty when ``None``.
+    approval_status
+        ``"UNAPPROVED"`` (default: a person approves in the TPS) or ``"APPROVED"`` (a department
+        that counts the reviewer's save as approval): then `operator` is the ReviewerName and
+        ReviewDate/ReviewTime are now.
 
     Returns
     -------
     Dataset
-        A new RTSTRUCT (new Series and SOP Instance UIDs, ApprovalStatus ``UNAPPROVED``) with
+        A new RTSTRUCT (new Series and SOP Instance UIDs, ApprovalStatus `approval_status`) with
         ``file_meta`` for Explicit VR Little Endian; write it with
         ``dcmwrite(path, ds, enforce_file_format=True)``.
 
@@ -200,6 +205,10 @@ def build_rtstruct(
     _check_text("label", label)
     if operator is not None:
         _check_text("operator", operator)
+    if approval_status not in ("UNAPPROVED", "APPROVED"):
+        raise ValueError(f"approval_status must be \"UNAPPROVED\" or \"APPROVED\", got {approval_status!r}")
+    if approval_status == "APPROVED" and not operator:
+        raise ValueError("an APPROVED structure set needs the reviewer who approved it (operator)")
 
     voxels = _as_bool_mask(mask.array)
     n_voxels = int(np.count_nonzero(voxels))
@@ -284,8 +293,13 @@ def build_rtstruct(
     observation.RTROIInterpretedType = roi.interpreted_type
     observation.ROIInterpreter = operator or ""
     ds.RTROIObservationsSequence = DicomSequence([observation])
-    # Approval: never approved by us; a person approves in the TPS.
-    ds.ApprovalStatus = "UNAPPROVED"
+    # Approval: UNAPPROVED until a person approves in the TPS, unless the site counts the
+    # reviewer's save as approval (then who and when are stated: type 2C when APPROVED).
+    ds.ApprovalStatus = approval_status
+    if approval_status == "APPROVED":
+        ds.ReviewDate = date
+        ds.ReviewTime = time
+        ds.ReviewerName = operator
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID

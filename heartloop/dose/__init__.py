@@ -5,6 +5,7 @@ Pure numpy/scipy; knows nothing of DICOM (DESIGN.md §2): `dicom_node` reads RTD
 """
 
 from heartloop.dose.delta import DoseDelta, DoseThresholds, compare
+from heartloop.dose.resample import dose_on_grid
 from heartloop.dose.structure import V_LEVELS_GY, DoseStats, dose_on_contours, dose_on_mask
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "DoseThresholds",
     "compare",
     "dose_on_contours",
+    "dose_on_grid",
     "dose_on_mask",
 ]

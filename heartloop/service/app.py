@@ -19,6 +19,7 @@ from heartloop.core import Volume
 from heartloop.dicom_node.scp import make_node, run_receiver_process
 from heartloop.dicom_node.scu import drain_outbox
 from heartloop.service.contouring import JOB_CONTOUR, ContouringStage
+from heartloop.service.corrections import JOB_FINALISE, finalise_correction, mark_sent_cases
 from heartloop.service.lifecycle import JOB_ASSEMBLE, assemble_series, enqueue_stable_series, recover_index
 from heartloop.store import Store
 
@@ -78,11 +79,17 @@ class Service:
     trainer
         Run the continual trainer process (`heartloop.service.training`); ``None``: as the setting
         ``trainer.enabled`` says.
+    console
+        Where messages for the person who started the service go (the review UI's address, the
+        first administrator's password): `heartloop serve` prints them; ``None`` shows none of
+        them (the address is logged either way, a password never).
     """
 
     def __init__(self, settings: Settings, *, on_ready: Callable[[int, Volume], None] | None = None,
-                 trainer: bool | None = None) -> None:
+                 trainer: bool | None = None, console: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self.console = console
+        self.web: Any = None  # the review UI's server (heartloop.service.review.WebServer) once started
         self.trainer_enabled = trainer_enabled(settings, trainer)
         self._trainer: multiprocessing.process.BaseProcess | None = None
         self.store = Store.from_settings(settings)
@@ -91,7 +98,11 @@ class Service:
         self.contouring = ContouringStage(self.store, settings)
         # READY → contour job (a prediction, or NO_MODEL at cold start) unless a caller hooks in.
         self.on_ready = on_ready if on_ready is not None else self.contouring.enqueue
-        self.handlers: dict[str, JobHandler] = {JOB_ASSEMBLE: self._job_assemble, JOB_CONTOUR: self.contouring.run}
+        self.handlers: dict[str, JobHandler] = {
+            JOB_ASSEMBLE: self._job_assemble,
+            JOB_CONTOUR: self.contouring.run,
+            JOB_FINALISE: self._job_finalise,
+        }
         self._receivers: list[multiprocessing.process.BaseProcess] = []
         self._work_lock = threading.Lock()
         self.started = threading.Event()
@@ -103,6 +114,9 @@ class Service:
 
     def _job_assemble(self, payload: dict[str, Any]) -> None:
         assemble_series(self.store, self.settings, payload["series_uid"], on_ready=self.on_ready)
+
+    def _job_finalise(self, payload: dict[str, Any]) -> None:
+        finalise_correction(self.store, self.settings, payload)
 
     def run_due_jobs(self, budget_s: float = 5.0) -> int:
         """Run queued jobs until none is due or `budget_s` has passed; returns how many ran."""
@@ -135,6 +149,24 @@ class Service:
         enqueue_stable_series(self.store, self.settings)
         self.run_due_jobs()
 
+    def outbox_pass(self) -> None:
+        """Send what is due, then mark the cases whose outputs have all arrived SENT."""
+        drain_outbox(self.store, self.settings)
+        mark_sent_cases(self.store)
+
+    def _say(self, message: str) -> None:
+        if self.console is not None:
+            self.console(message)
+
+    def _start_web(self) -> None:
+        from heartloop.service.review import ensure_first_admin, make_ui_services, start_web
+
+        services = make_ui_services(self.store, self.settings, self.contouring, trainer_enabled=self.trainer_enabled)
+        self.web = start_web(self.settings, self.store, services)
+        log.info("review UI: %s", self.web.url)
+        self._say(f"review UI: {self.web.url}")
+        ensure_first_admin(self.store, self.console)
+
     def _safe(self, fn: Callable[[], Any], what: str) -> Callable[[], None]:
         def run() -> None:
             try:
@@ -157,6 +189,8 @@ class Service:
         removed = self.store.files.clean_incoming()
         if removed:
             log.info("removed %d unacknowledged partial file(s) left by a previous run", removed)
+        if self.settings.http.enabled:  # first: a busy web port stops the start before anything runs
+            self._start_web()
         self.scp.start()
         for _ in range(self.settings.node.receive_processes - 1):
             proc = multiprocessing.get_context("spawn").Process(target=_receiver_main, args=(self.settings, os.getpid()),
@@ -175,7 +209,7 @@ class Service:
                                id="scan")
         self.scheduler.add_job(self._safe(self.run_due_jobs, "job worker"), "interval", seconds=0.25,
                                max_instances=1, coalesce=True, next_run_time=now, id="work")
-        self.scheduler.add_job(self._safe(lambda: drain_outbox(self.store, s), "outbox"), "interval",
+        self.scheduler.add_job(self._safe(self.outbox_pass, "outbox"), "interval",
                                seconds=s.outbox.poll_interval_s, max_instances=1, coalesce=True, next_run_time=now,
                                id="outbox")
         # Janitor: a partial dataset whose sender vanished (never acknowledged) is removed once it has
@@ -189,6 +223,9 @@ class Service:
 
     def stop(self) -> None:
         log.info("HeartLoop service stopping")
+        if self.web is not None:
+            self.web.close()
+            self.web = None
         try:
             self.scheduler.shutdown(wait=True)
         except Exception:  # pragma: no cover - not started

@@ -44,7 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from heartloop.service.app import Service
 
     settings = _settings(args)
-    service = Service(settings)
+    # The console (stdout), not the log: the review UI's address and, on the first run, the
+    # administrator's password, shown once.
+    service = Service(settings, console=lambda message: print(message, flush=True))
     if args.demo:
         threading.Thread(target=_demo_push, args=(service, args.demo, args.demo_seed), daemon=True,
                          name="demo").start()
@@ -85,6 +87,9 @@ def _demo_push(service, n: int, seed: int) -> None:  # type: ignore[no-untyped-d
     for c in service.store.list_cases():
         print(f"demo: case {c.id}: {c.state} ({c.n_slices or '?'} slices){' — ' + c.reason if c.reason else ''}",
               flush=True)
+    if service.web is not None:
+        print(f"demo: review the cases in the browser at {service.web.url} — log in as 'admin' (first-run password "
+              "above, or $HEARTLOOP_ADMIN_PASSWORD); add reviewers with: heartloop user add", flush=True)
 
 
 # -- cases ------------------------------------------------------------------------------------------

@@ -7,13 +7,14 @@ reviewed (corrected) structure is what goes back.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import logging
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pydicom
@@ -38,10 +39,47 @@ def models_dir(settings: Settings) -> Path:
 
 
 def contouring_settings(settings: Settings) -> Any:
-    """This machine's runtime knobs (device, threads) on top of the contouring defaults."""
+    """The engine's `ContouringSettings` from ``[contouring]`` plus this machine's ``[compute]``
+    knobs (device, threads). Raises `ConfigError` naming the section when the engine refuses a value."""
+    from heartloop.config import ConfigError
     from heartloop.contouring.settings import ContouringSettings
 
-    return replace(ContouringSettings(), device=settings.compute.device, threads=settings.compute.threads)
+    values = dataclasses.asdict(settings.contouring)
+    try:
+        return ContouringSettings(**values, device=settings.compute.device, threads=settings.compute.threads)
+    except ValueError as exc:
+        raise ConfigError(f"[contouring]: {exc}") from exc
+
+
+def reviewer_box_path(case_id: int) -> str:
+    """Where a case's reviewer box is kept (relative to the storage root): re-predictions after a
+    promotion keep honouring it until the reviewer clears it."""
+    return f"predictions/case{case_id:06d}/reviewer-box.json"
+
+
+def save_reviewer_box(store: Store, case_id: int, box: Sequence[int] | None) -> None:
+    """Remember (or, with None, forget) the box a reviewer drew on a case: ``[k0, k1, j0, j1, i0, i1]``."""
+    rel = reviewer_box_path(case_id)
+    if box is None:
+        store.files.abspath(rel).unlink(missing_ok=True)
+        return
+    store.files.write_bytes(rel, json.dumps([int(v) for v in box]).encode("ascii"))
+
+
+def load_reviewer_box(store: Store, case_id: int) -> list[int] | None:
+    """The box a reviewer drew on a case, or None."""
+    try:
+        return [int(v) for v in json.loads(store.files.abspath(reviewer_box_path(case_id)).read_text())]
+    except FileNotFoundError:
+        return None
+
+
+def _index_box(flat: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``[k0, k1, j0, j1, i0, i1]`` (the API's form) → ``((k0, k1), (j0, j1), (i0, i1))``."""
+    if len(flat) != 6:
+        raise ValueError(f"a box is [k0, k1, j0, j1, i0, i1] (6 voxel indices), got {list(flat)!r}")
+    v = [int(x) for x in flat]
+    return (v[0], v[1]), (v[2], v[3]), (v[4], v[5])
 
 
 def mask_to_npz(mask: np.ndarray) -> bytes:
@@ -73,6 +111,35 @@ class ContouringStage:
         """Queue a contour job for a case (the `on_ready` hook of the service)."""
         self.store.enqueue(JOB_CONTOUR, {"case_id": case_id}, dedupe_key=f"{JOB_CONTOUR}:{case_id}")
 
+    def enqueue_with_box(self, case_id: int, box: Sequence[int] | None) -> None:
+        """A reviewer's request: re-predict a case limited to `box` (``[k0, k1, j0, j1, i0, i1]``,
+        half-open voxel indices), or with the localiser again when `box` is None.
+
+        Raises
+        ------
+        KeyError
+            No such case.
+        ValueError
+            The case is not (re-)predictable, no model exists yet, or the box is malformed.
+        """
+        case = self.store.get_case(case_id)
+        if case is None:
+            raise KeyError(f"no case {case_id}")
+        if case.state not in PREDICTABLE:
+            raise ValueError(f"case {case_id} is {case.state}: only {', '.join(PREDICTABLE)} cases are re-predicted")
+        current = self.registry.current()
+        if current is None or current.version is None:
+            raise ValueError("no model trained yet: contour this case by hand (the box cannot limit a prediction)")
+        if box is not None:
+            flat = [int(v) for v in box]
+            (k0, k1), (j0, j1), (i0, i1) = _index_box(flat)
+            if min(k0, j0, i0) < 0 or k1 <= k0 or j1 <= j0 or i1 <= i0 or (case.n_slices and k1 > case.n_slices):
+                raise ValueError(f"box {flat} is empty or outside the CT (half-open voxel ranges [k0, k1, j0, j1, i0, i1])")
+            box = flat
+        save_reviewer_box(self.store, case_id, box)
+        # Its own dedupe key: a pending plain job must not swallow the reviewer's box (it runs after it).
+        self.store.enqueue(JOB_CONTOUR, {"case_id": case_id, "box": box}, dedupe_key=f"{JOB_CONTOUR}:{case_id}:box")
+
     def _current_predictor(self) -> Any:
         """The predictor of the current model (re-read every job, so a rollback applies at once)."""
         from heartloop.contouring.inference import Predictor
@@ -90,15 +157,16 @@ class ContouringStage:
         if case is None or case.state not in PREDICTABLE:
             log.info("case %s: not predicted (state %s)", case_id, case.state if case else "gone")
             return
+        box = payload["box"] if "box" in payload else load_reviewer_box(self.store, case_id)
         try:
             with self._lock:
-                self._contour(case_id)
+                self._contour(case_id, _index_box(box) if box is not None else None)
         except Exception as exc:
             # A readable reason on the case; the job is retried, and other cases are not blocked.
             self.store.set_case_state(case_id, CaseState.FAILED, f"contouring failed: {type(exc).__name__}: {exc}")
             raise
 
-    def _contour(self, case_id: int) -> None:
+    def _contour(self, case_id: int, box: Any = None) -> None:
         t0 = time.perf_counter()
         predictor = self._current_predictor()
         if predictor is None:
@@ -108,7 +176,7 @@ class ContouringStage:
         # One validation pass serves both the volume and the RTSTRUCT's CT references.
         geometry, paths = ordered_series(self.store, self.settings, case_series_uid(self.store, case_id))
         volume = load_ct_volume(paths, geometry)
-        prediction = predictor.predict(volume)
+        prediction = predictor.predict(volume, box=box)
         rel_mask = f"predictions/case{case_id:06d}/{prediction.model_version}-{int(time.time() * 1000)}.npz"
         self.store.files.write_bytes(rel_mask, mask_to_npz(prediction.mask.array))
         rel_rs, rs_uid = None, None

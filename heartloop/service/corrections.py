@@ -21,7 +21,7 @@ import pydicom
 from heartloop.config import Settings
 from heartloop.core import CaseState
 from heartloop.service.contouring import mask_from_npz
-from heartloop.service.lifecycle import load_case_volume
+from heartloop.service.lifecycle import case_series_uid, load_case_volume, ordered_series
 from heartloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,27 @@ def _ct_shape(store: Store, settings: Settings, case_id: int, prediction_mask: n
     return tuple(load_case_volume(store, case_id, settings).shape)
 
 
+def corrected_mask(arrays: CorrectionArrays) -> np.ndarray:
+    """The corrected contour: prediction ∪ foreground − background (the prediction is empty at cold start)."""
+    return (arrays.prediction | arrays.foreground) & ~arrays.background
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two bool masks (1.0 when both are empty)."""
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+
+
 def _store_correction(store: Store, case_id: int, *, kind: str, arrays: CorrectionArrays, corrected_by: str,
-                      prediction_id: int | None) -> int:
+                      prediction_id: int | None, active_seconds: float | None = None) -> int:
     rel = f"corrections/case{case_id:06d}/{kind}-{int(time.time() * 1000)}.npz"
     store.files.write_bytes(rel, correction_to_npz(arrays))
     fg_voxels, bg_voxels = int(arrays.foreground.sum()), int(arrays.background.sum())
+    # Dice(predicted, corrected): how much the reviewer had to change (None without a prediction).
+    agreement = dice(arrays.prediction, corrected_mask(arrays)) if prediction_id is not None else None
     correction_id = store.record_correction(case_id, kind=kind, path=rel, corrected_by=corrected_by,
-                                            fg_voxels=fg_voxels, bg_voxels=bg_voxels, prediction_id=prediction_id)
+                                            fg_voxels=fg_voxels, bg_voxels=bg_voxels, prediction_id=prediction_id,
+                                            active_seconds=active_seconds, dice=agreement)
     store.set_case_state(case_id, CaseState.CORRECTED, None)
     log.info("case %d CORRECTED (%s: %d foreground, %d background voxels; correction %d)", case_id, kind,
              fg_voxels, bg_voxels, correction_id)
@@ -95,7 +109,8 @@ def _store_correction(store: Store, case_id: int, *, kind: str, arrays: Correcti
 
 
 def submit_correction(store: Store, settings: Settings, case_id: int, *, foreground: np.ndarray,
-                      background: np.ndarray, corrected_by: str, kind: str = "sparse") -> int:
+                      background: np.ndarray, corrected_by: str, kind: str = "sparse",
+                      active_seconds: float | None = None) -> int:
     """Store a reviewer's correction of a case's latest prediction; the case becomes CORRECTED.
 
     Parameters
@@ -111,6 +126,8 @@ def submit_correction(store: Store, settings: Settings, case_id: int, *, foregro
         Who corrected (kept in the database, never logged).
     kind
         ``"sparse"`` (only painted voxels are labels) or ``"dense"`` (the whole contour is known).
+    active_seconds
+        Active annotation time measured by the viewer (kept with the row for the dashboard).
 
     Returns
     -------
@@ -147,9 +164,14 @@ def submit_correction(store: Store, settings: Settings, case_id: int, *, foregro
         raise ValueError(f"{int((fg & bg).sum())} voxel(s) are painted both foreground and background")
     if kind == "sparse" and not (fg.any() or bg.any()):
         raise ValueError("a sparse correction needs some painted voxels")
+    if active_seconds is not None and not (active_seconds >= 0):
+        raise ValueError(f"active_seconds = {active_seconds!r} must be zero or positive")
     prediction = predicted if predicted is not None else np.zeros(shape, dtype=bool)
+    if not corrected_mask(CorrectionArrays(fg, bg, prediction)).any():
+        raise ValueError("the corrected heart would be empty: paint the heart (foreground) before saving")
     return _store_correction(store, case_id, kind=kind, arrays=CorrectionArrays(fg, bg, prediction),
-                             corrected_by=corrected_by, prediction_id=latest.id if latest is not None else None)
+                             corrected_by=corrected_by, prediction_id=latest.id if latest is not None else None,
+                             active_seconds=active_seconds)
 
 
 def import_clinical_structure(store: Store, settings: Settings, case_id: int, *,
@@ -185,3 +207,95 @@ def import_clinical_structure(store: Store, settings: Settings, case_id: int, *,
             return _store_correction(store, case_id, kind="dense", arrays=arrays, corrected_by=corrected_by,
                                      prediction_id=None)
     return None
+
+
+# -- after a save: the corrected structure and the dose report go to the TPS -----------------------
+
+JOB_FINALISE = "finalise"
+#: The model version recorded on a structure contoured from scratch (no prediction existed).
+NO_MODEL_VERSION = "none"
+
+
+def finalise_key(case_id: int, correction_id: int) -> str:
+    """The dedupe key of a correction's finalise job (also how `mark_sent_cases` finds it)."""
+    return f"{JOB_FINALISE}:{case_id}:{correction_id}"
+
+
+def enqueue_finalise(store: Store, case_id: int, correction_id: int) -> int | None:
+    """Queue the finalise job of a saved correction (durable: it survives a restart)."""
+    return store.enqueue(JOB_FINALISE, {"case_id": case_id, "correction_id": correction_id},
+                         dedupe_key=finalise_key(case_id, correction_id), max_attempts=1)
+
+
+def finalise_correction(store: Store, settings: Settings, payload: dict[str, object]) -> dict[str, object] | None:
+    """The finalise job: build and queue the corrected RTSTRUCT and the dose report of a correction.
+
+    The corrected contour is prediction ∪ foreground − background; `report_correction` sends it as
+    ROI ``rtstruct.corrected_roi_name`` (SEMIAUTOMATIC, the reviewer as operator, approval status
+    per ``rtstruct.corrected_approval_status``) with the SR when the case has a usable RTDOSE. A
+    correction that is no longer the case's latest is skipped (the newer one is sent). Any failure
+    puts the case in FAILED with a readable reason (the reviewer can save again); it is never
+    raised, so the queue moves on and nothing is queued twice by a retry.
+
+    Returns the `report_correction` result, or None when skipped or failed.
+    """
+    from heartloop.service.dose import report_correction
+
+    case_id = int(payload["case_id"])  # type: ignore[arg-type]
+    correction_id = int(payload["correction_id"])  # type: ignore[arg-type]
+    row = store.get_correction(correction_id)
+    latest = store.latest_correction(case_id)
+    if row is None or row.case_id != case_id or latest is None or latest.id != correction_id:
+        log.info("case %d: correction %d is not the latest; not sent", case_id, correction_id)
+        return None
+    try:
+        arrays = load_correction_arrays(store, row.path)
+        geometry, _paths = ordered_series(store, settings, case_series_uid(store, case_id))
+        prediction = store.get_prediction(row.prediction_id) if row.prediction_id is not None else None
+        model_version = prediction.model_version if prediction is not None else NO_MODEL_VERSION
+        result = report_correction(
+            store, settings, case_id,
+            predicted=geometry.to_volume(arrays.prediction), corrected=geometry.to_volume(corrected_mask(arrays)),
+            model_version=model_version, corrected_by=row.corrected_by,
+        )
+    except Exception as exc:  # a readable reason on the case; the queue is not blocked
+        log.exception("case %d: the corrected structure could not be sent", case_id)
+        store.set_case_state(case_id, CaseState.FAILED, f"corrected structure not sent: {type(exc).__name__}: {exc}")
+        return None
+    what = "corrected RTSTRUCT and dose report" if result.get("report_outbox_id") else "corrected RTSTRUCT"
+    note = f"{what} queued for the TPS"
+    if result["status"] != "REPORTED":
+        note += f" (no dose report: {result['reason']})"
+    store.set_case_state(case_id, CaseState.CORRECTED, note[:500])
+    log.info("case %d: %s (correction %d, %s)", case_id, what, correction_id, result["status"])
+    return result
+
+
+def mark_sent_cases(store: Store) -> int:
+    """After an outbox pass: a CORRECTED case whose latest correction is finalised and whose outputs
+    queued since that correction are all SENT becomes SENT; one that gave up sending says so.
+    Returns how many cases became SENT."""
+    from heartloop.core.states import JobState, OutboxState
+
+    n = 0
+    for case in store.list_cases([CaseState.CORRECTED.value]):
+        latest = store.latest_correction(case.id)
+        if latest is None:
+            continue
+        if store.job_state(finalise_key(case.id, latest.id)) != JobState.DONE.value:
+            continue  # not finalised yet: more outputs may still be queued
+        items = [o for o in store.outputs(case.id) if o.created_at >= latest.created_at]
+        if not items:
+            continue
+        if all(o.state == OutboxState.SENT.value for o in items):
+            store.set_case_state(case.id, CaseState.SENT, None)
+            log.info("case %d SENT (%d output(s) delivered)", case.id, len(items))
+            n += 1
+        else:
+            failed = [o for o in items if o.state == OutboxState.FAILED.value]
+            if failed:
+                reason = f"sending to {failed[0].destination} failed: {failed[0].last_error or 'gave up'} " \
+                         "(heartloop outbox --retry ID)"
+                if case.reason != reason[:500]:
+                    store.set_case_state(case.id, CaseState.CORRECTED, reason[:500])
+    return n

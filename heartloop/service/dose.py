@@ -209,8 +209,8 @@ def report_correction(
 
     Steps: the dose of both contours on the case's dose (`dose_on_mask`, ``[dose]`` settings);
     the corrected RTSTRUCT (ROI ``rtstruct.corrected_roi_name``, SEMIAUTOMATIC, operator
-    `corrected_by`) queued to `destination`; both dose rows (``"predicted"``, ``"corrected"``)
-    and their delta (corrected − predicted, flagged against the ``[dose]`` thresholds) stored; the
+    `corrected_by`, ApprovalStatus ``rtstruct.corrected_approval_status``) queued to
+    `destination`; both dose rows (``"predicted"``, ``"corrected"``) and their delta (corrected − predicted, flagged against the ``[dose]`` thresholds) stored; the
     Comprehensive SR (mean doses, difference, RTSTRUCT and RTDOSE references, model version,
     person) written and queued to the same destination. Without a usable dose, only the RTSTRUCT
     is sent (see the module docstring).
@@ -270,7 +270,7 @@ def report_correction(
     corrected_roi = settings.rtstruct.corrected_roi_name
     item_id = queue_structure(store, settings, case_id, corrected, model_version=model_version,
                               algorithm="SEMIAUTOMATIC", roi_name=corrected_roi, operator=corrected_by,
-                              destination=dest.name)
+                              destination=dest.name, approval_status=settings.rtstruct.corrected_approval_status)
     if item_id is None:  # pragma: no cover - a new RTSTRUCT always has new UIDs
         raise RuntimeError("the corrected RTSTRUCT was not queued")
     rtstruct_ref = _output_ref(store, case_id, item_id)

@@ -26,15 +26,16 @@ def case_ct_datasets(store: Store, case_id: int, settings: Settings) -> list[pyd
 
 def queue_structure(store: Store, settings: Settings, case_id: int, mask: Volume, *, model_version: str,
                     algorithm: str = "AUTOMATIC", roi_name: str | None = None, operator: str | None = None,
-                    destination: str | None = None) -> int | None:
+                    destination: str | None = None, approval_status: str = "UNAPPROVED") -> int | None:
     """Build the RTSTRUCT of `mask` for the case, store it atomically, queue it to the destination.
 
+    `approval_status`: ``"UNAPPROVED"`` or ``"APPROVED"`` (then `operator` is the reviewer).
     Returns the outbox item id (None when that very instance was already queued).
     """
     cts = case_ct_datasets(store, case_id, settings)
     roi = RoiSpec(name=roi_name or settings.rtstruct.roi_name, color=settings.rtstruct.roi_color, algorithm=algorithm)
     ds = build_rtstruct(mask, cts, roi=roi, model_version=model_version, label=settings.rtstruct.structure_set_label,
-                        operator=operator)
+                        operator=operator, approval_status=approval_status)
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     rel = store.files.output_relpath(case_id, ds.SOPInstanceUID)

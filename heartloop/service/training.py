@@ -14,10 +14,13 @@ append-only registry, the checkpoint is replaced atomically.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +45,64 @@ class StopSignal(Protocol):
 
 def checkpoint_path(settings: Settings) -> Path:
     return settings.storage_root / "trainer" / "state.pt"
+
+
+def status_path(settings: Settings) -> Path:
+    """The trainer's status file: JSON, replaced atomically after every epoch (and on yield/idle)."""
+    return settings.storage_root / "trainer" / "status.json"
+
+
+#: What `read_trainer_status` answers before the trainer has finished its first epoch.
+WAITING = "waiting for corrections"
+STATUS_KEYS = ("state", "current_version", "best_val_dice", "epochs", "epochs_without_progress", "train_cases",
+               "val_cases", "updated_at")
+
+
+def write_trainer_status(settings: Settings, status: dict[str, Any]) -> None:
+    """Replace the status file atomically (temp file + rename): a reader never sees half of one."""
+    path = status_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_text(json.dumps({k: status.get(k) for k in STATUS_KEYS}), encoding="utf-8")
+    os.replace(temp, path)
+
+
+def read_trainer_status(settings: Settings) -> dict[str, Any]:
+    """The trainer's last status (see `STATUS_KEYS`); state `WAITING` before its first epoch."""
+    try:
+        data = json.loads(status_path(settings).read_text(encoding="utf-8"))
+        return {k: data.get(k) for k in STATUS_KEYS}
+    except (FileNotFoundError, ValueError):
+        return {"state": WAITING, "current_version": None, "best_val_dice": None, "epochs": 0,
+                "epochs_without_progress": 0, "train_cases": 0, "val_cases": 0, "updated_at": None}
+
+
+@dataclass
+class StatusReporter:
+    """Keeps the status file in step with the trainer: after every epoch, and when it starts or
+    stops yielding to inference (``training`` / ``yielding`` / ``idle``)."""
+
+    settings: Settings
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def epoch(self, state: Any, data: Any) -> None:
+        self.last = {
+            "current_version": state.current_version, "best_val_dice": state.best_val_dice,
+            "epochs": state.progress.epochs, "epochs_without_progress": state.progress.epochs_without_progress,
+            "train_cases": len(data.train_ids), "val_cases": len(data.validation_ids),
+        }
+        self.set_state("training", force=True)
+
+    def set_state(self, name: str, force: bool = False) -> None:
+        """Record `name` (written only when it changes, unless `force`; nothing before the first epoch)."""
+        if not self.last or (self.last.get("state") == name and not force):
+            return
+        self.last["state"] = name
+        self.last["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            write_trainer_status(self.settings, self.last)
+        except OSError:  # the status is for people; training goes on
+            log.warning("trainer status not written", exc_info=True)
 
 
 def inference_waiting(store: Store) -> bool:
@@ -184,16 +245,26 @@ def _train(settings: Settings, store: Store, feed: CorrectionFeed, stop: StopSig
     data = TrainingData(cs, assignments={k: v for k, v in state.assignments.items()},
                         times_sampled=state.times_sampled, seed=seed if seed is not None else 0)
     log.info("trainer started at epoch %d (%s)", state.epoch, "resumed" if path.exists() else "fresh")
+    status = StatusReporter(settings)
+    if state.epoch:
+        status.epoch(state, data)  # a restarted trainer shows its resumed counters at once
+
+    def yield_check() -> bool:
+        waiting = inference_waiting(store) and not stop.is_set()
+        status.set_state("yielding" if waiting else "training")
+        return waiting
+
     epochs = 0
     while not stop.is_set():
         feed.sync(data)
         if not data.train_ids:
+            status.set_state("idle")
             stop.wait(idle_poll_s)
             continue
-        state, report = step_trainer(learner, data, state, registry, cs,
-                                     yield_check=lambda: inference_waiting(store) and not stop.is_set(),
+        state, report = step_trainer(learner, data, state, registry, cs, yield_check=yield_check,
                                      time_budget_s=epoch_budget_s)
         state.checkpoint(path)
+        status.epoch(state, data)
         epochs += 1
         if report.promoted_version is not None:
             n = enqueue_repredictions(store)

@@ -431,6 +431,10 @@ class Store(ReviewRecords):
         with self.session() as s:
             return list(s.scalars(select(Prediction).where(Prediction.case_id == case_id).order_by(Prediction.id)))
 
+    def get_prediction(self, prediction_id: int) -> Prediction | None:
+        with self.session() as s:
+            return s.get(Prediction, prediction_id)
+
     def latest_prediction(self, case_id: int) -> Prediction | None:
         rows = self.predictions(case_id)
         return rows[-1] if rows else None

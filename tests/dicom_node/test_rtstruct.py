@@ -341,6 +341,23 @@ def test_dciodvfy_finds_no_error(uneven_case, tmp_path: Path) -> None:
     assert dciodvfy_errors(path) == []
 
 
+def test_approved_structure_names_its_reviewer_and_stays_valid(uneven_case, tmp_path: Path) -> None:
+    volume, datasets, mask = uneven_case
+    roi = RoiSpec(name="Heart", color=(255, 0, 0), algorithm="SEMIAUTOMATIC")
+    ds = build_rtstruct(volume.with_array(mask), datasets, roi=roi, model_version="000007", operator="Doe^Jane",
+                        approval_status="APPROVED")
+    assert ds.ApprovalStatus == "APPROVED" and ds.ReviewerName == "Doe^Jane"
+    assert ds.ReviewDate == ds.StructureSetDate and ds.ReviewTime == ds.StructureSetTime
+    assert dciodvfy_errors(write(ds, tmp_path / "approved.dcm")) == []
+    unapproved = build_rtstruct(volume.with_array(mask), datasets, roi=roi, model_version="000007", operator="Doe^Jane")
+    assert unapproved.ApprovalStatus == "UNAPPROVED" and "ReviewerName" not in unapproved
+    with pytest.raises(ValueError, match="reviewer"):
+        build_rtstruct(volume.with_array(mask), datasets, roi=roi, model_version="000007", approval_status="APPROVED")
+    with pytest.raises(ValueError, match="approval_status"):
+        build_rtstruct(volume.with_array(mask), datasets, roi=roi, model_version="000007", operator="Doe^Jane",
+                       approval_status="REJECTED")
+
+
 # -- round trip and reader -----------------------------------------------------------------------
 
 

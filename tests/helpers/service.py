@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,9 @@ from tests.helpers.procs import stop_pid, wait_port
 
 @contextlib.contextmanager
 def running_service(settings: Settings) -> Iterator[Service]:
+    """A started `Service` (the review UI, when enabled, on a free port rather than 8080)."""
+    if settings.http.enabled and settings.http.port != 0:
+        settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, port=0))
     service = Service(settings)
     service.start()
     try:
@@ -24,7 +28,8 @@ def running_service(settings: Settings) -> Iterator[Service]:
 
 
 def write_config(path: Path, *, root: Path, port: int, stable_age_s: float = 1.0, callers: str = "",
-                 destinations: str = "", extra: str = "") -> Path:
+                 destinations: str = "", extra: str = "", http_port: int = 0) -> Path:
+    """A TOML config for `heartloop serve` on loopback (the review UI on `http_port`, 0: a free one)."""
     path.write_text(
         f"""[node]
 ae_title = "HEARTLOOP"
@@ -48,6 +53,9 @@ poll_interval_s = 0.2
 
 [limits]
 min_free_disk_bytes = 1048576
+
+[http]
+port = {http_port}
 
 {destinations}
 {extra}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -33,15 +35,26 @@ def test_serve_demo_push_cases_and_clean_shutdown(tmp_path):
     """The README's first command, minus the venv: serve with embedded defaults and a demo push."""
     data = tmp_path / "data"
     port = free_port()
-    env = dict(os.environ, HEARTLOOP_SERIES__STABLE_AGE_S="1", HEARTLOOP_SERIES__POLL_INTERVAL_S="0.2")
+    env = dict(os.environ, HEARTLOOP_SERIES__STABLE_AGE_S="1", HEARTLOOP_SERIES__POLL_INTERVAL_S="0.2",
+               HEARTLOOP_HTTP__PORT="0")
+    env.pop("HEARTLOOP_ADMIN_PASSWORD", None)
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "heartloop", "serve", "--data-dir", str(data),
                                  "--dicom-port", str(port), "--demo", "1"], stdout=log, stderr=subprocess.STDOUT,
                                 env=env)
     try:
-        wait_for(lambda: "demo: case 1: NO_MODEL" in log_path.read_text(), 120, 0.2,
-                 what="the demo case assembled (NO_MODEL: no model trained yet)")
+        wait_for(lambda: "demo: review the cases in the browser" in log_path.read_text(), 120, 0.2,
+                 what="the demo case assembled (NO_MODEL: no model trained yet) and the UI's address")
+        text = log_path.read_text()
+        assert "demo: case 1: NO_MODEL" in text
+        # The front door shows where the review UI is and how to log in the first time.
+        url = re.search(r"review UI: (http://127\.0\.0\.1:\d+/)", text).group(1)
+        password = re.search(r"created user 'admin' \(role admin\), password: (\S+)", text).group(1)
+        assert "heartloop user passwd admin" in text
+        with urllib.request.urlopen(url + "login", timeout=10) as rsp:
+            assert rsp.status == 200 and "password" in rsp.read().decode().lower()
+        assert len(password) >= 12
         out = subprocess.run([sys.executable, "-m", "heartloop", "cases", "--data-dir", str(data), "--json"],
                              capture_output=True, text=True, timeout=60, env=env)
         cases = json.loads(out.stdout)
