@@ -73,6 +73,10 @@ class PreparedCase:
     spacing_mm: tuple[float, float, float]  # (slice mean, row, column) = (dz, dy, dx)
     slice_offsets_mm: tuple[float, ...]
     ct: memoryview  # int16 LE, C-order [k, j, i], as bytes
+    origin_mm: tuple[float, float, float]
+    row_direction: tuple[float, float, float]  # patient direction of growing i
+    column_direction: tuple[float, float, float]  # ... of growing j
+    normal: tuple[float, float, float]  # ... of growing k
     hu_min: int
     hu_max: int
     etag: str
@@ -139,8 +143,10 @@ def prepare_case(case_id: int, volume: Volume, dose: Volume | None) -> PreparedC
     offsets = tuple(float(v) for v in volume.slice_offsets)
     spacing = (float(volume.slice_spacing), float(volume.pixel_spacing[0]), float(volume.pixel_spacing[1]))
     nbytes = len(ct) + (len(prepared_dose.data) if prepared_dose else 0)
-    return PreparedCase(case_id, volume.shape, spacing, offsets, ct, hu_min, hu_max, etag, prepared_dose,
-                        nbytes, time.perf_counter() - t0)
+    return PreparedCase(case_id, volume.shape, spacing, offsets, ct, tuple(volume.origin),
+                        tuple(volume.row_direction), tuple(volume.column_direction),
+                        tuple(float(v) for v in volume.normal), hu_min, hu_max, etag, prepared_dose, nbytes,
+                        time.perf_counter() - t0)
 
 
 def prepare_prediction(mask: np.ndarray, model_version: str) -> PreparedPrediction:

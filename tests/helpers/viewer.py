@@ -121,5 +121,9 @@ class WaitressThread:
         self.thread.start()
 
     def close(self) -> None:
-        self.server.close()
+        from waitress import wasyncore
+
+        server = self.server
+        server.task_dispatcher.shutdown()  # finish requests in flight before the sockets go
+        wasyncore.close_all(server._map)  # type: ignore[union-attr]  # listener, channels, trigger
         self.thread.join(timeout=5)
