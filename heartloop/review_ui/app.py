@@ -59,8 +59,8 @@ def create_app(settings: Settings, store: Store, services: UiServices | None = N
         HEARTLOOP_IDLE_TIMEOUT_S=settings.http.idle_timeout_min * 60.0,
         MAX_CONTENT_LENGTH=256 * 1024 * 1024,
         TESTING=testing,
-        JSON_SORT_KEYS=False,
     )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["heartloop"] = {"settings": settings, "store": store, "services": services}
     app.before_request(security.load_user_and_check)
     app.jinja_env.globals["csrf_token"] = security.csrf_token
@@ -70,19 +70,29 @@ def create_app(settings: Settings, store: Store, services: UiServices | None = N
     for module in (auth, worklist, viewer, dashboard, audit_log, admin, apidocs):
         app.register_blueprint(module.bp)
 
-    @app.after_request
-    def _headers(response: Any) -> Any:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("Content-Security-Policy",
-                                    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'")
-        return response
-
-    for status in (400, 401, 403, 404, 405, 409, 413, 500, 503):
+    app.after_request(security_headers)
+    for status in (400, 401, 403, 404, 405, 409, 413, 429, 500, 503):
         app.register_error_handler(status, lambda exc, status=status: security.error_response(
             status, getattr(exc, "description", None) or str(exc)))
     return app
+
+
+#: Same-origin everything: no CDN, no inline script, no framing, forms post only here.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; img-src 'self' data: blob:; "
+                           "style-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; "
+                           "form-action 'self'; base-uri 'self'; object-src 'none'")
+
+
+def security_headers(response: Any) -> Any:
+    """`after_request`: browser hardening, and no caching of pages and JSON (they carry patient
+    data); binary slabs set their own private caching."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    if "Cache-Control" not in response.headers and response.mimetype in ("application/json", "text/html"):
+        response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def ui_services() -> UiServices:
@@ -96,6 +106,7 @@ def ui_services() -> UiServices:
 
 
 def ui_settings() -> Settings:
+    """The settings of the running app."""
     from flask import current_app
 
     return current_app.extensions["heartloop"]["settings"]

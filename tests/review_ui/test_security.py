@@ -276,3 +276,14 @@ def test_error_pages_escape_messages(ui_app_factory):
     client = Client(ui_app_factory())
     rsp = client.get("/no/<script>alert(1)</script>", headers={"Accept": "text/html"})
     assert rsp.status_code == 404 and "<script>alert" not in rsp.get_data(as_text=True)
+
+
+def test_security_headers_and_no_caching_of_patient_data(ui_app_factory, client_for):
+    client = client_for(ui_app_factory())
+    for path in ("/", "/api/cases"):
+        rsp = client.get(path)
+        assert rsp.headers["Cache-Control"] == "no-store", path
+        csp = rsp.headers["Content-Security-Policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp.split(
+            "style-src")[0]
+        assert rsp.headers["X-Frame-Options"] == "DENY" and rsp.headers["X-Content-Type-Options"] == "nosniff"
