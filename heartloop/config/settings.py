@@ -19,6 +19,9 @@ from typing import Any, Mapping
 
 
 ENV_PREFIX = "HEARTLOOP_"
+#: ``HEARTLOOP_*`` variables that are not settings: the settings file, the first administrator's
+#: password (read once by the service on its first start), run.sh's data directory.
+NOT_SETTINGS = frozenset({"config", "admin_password", "data"})
 
 
 class ConfigError(ValueError):
@@ -332,8 +335,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if not name.startswith(ENV_PREFIX):
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
-        if path == ["config"]:
-            continue  # HEARTLOOP_CONFIG names the file; not a setting
+        if len(path) == 1 and path[0] in NOT_SETTINGS:
+            continue  # e.g. HEARTLOOP_CONFIG names the file; not a setting
         value = _coerce_env(raw)
         if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label", "corrected_roi_name", "corrected_approval_status", "precision"}):
             value = raw  # strings stay strings even if they look like JSON
