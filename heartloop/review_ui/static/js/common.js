@@ -10,7 +10,7 @@
  * HL.csrf() -> the page's CSRF token.
  * HL.esc(text) -> text escaped for HTML.
  * HL.fmt(value, digits) -> number formatted, or an en dash for null/undefined.
- * HL.time(epochSeconds) -> local "YYYY-MM-DD HH:MM" text.
+ * HL.time(when) -> local "YYYY-MM-DD HH:MM" text (epoch seconds or an ISO 8601 string).
  * HL.toast(message, kind) -> a short message at the bottom of the page ("ok" | "error").
  * The signature of HL.api is stable: the viewer and the dashboard depend on it.
  */
@@ -84,9 +84,10 @@
 
   function pad(n) { return (n < 10 ? "0" : "") + n; }
 
-  function time(epochSeconds) {
-    if (epochSeconds === null || epochSeconds === undefined) return "\u2013";
-    var d = new Date(epochSeconds * 1000);
+  function time(when) {
+    if (when === null || when === undefined || when === "") return "\u2013";
+    var d = typeof when === "string" ? new Date(when) : new Date(when * 1000);
+    if (Number.isNaN(d.getTime())) return String(when);
     return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
       pad(d.getHours()) + ":" + pad(d.getMinutes());
   }
