@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from sqlalchemy import event
@@ -129,3 +128,25 @@ def test_api_cases_query_count_does_not_grow_with_cases(ui_app_factory, client_f
     assert (n_few, n_many) == (3, 300)
     assert many == few, f"{few} statements for 3 cases but {many} for 300 (a query per case?)"
     assert many <= 8
+
+
+def test_worklist_store_queries_on_every_database(store):
+    """The grouped worklist statement and the row-value comparison of `next_reviewable_case` are
+    portable (SQLite and PostgreSQL)."""
+    a = add_case(store, "PREDICTED", arrived=10.0)
+    b = add_case(store, "INCOMPLETE", arrived=10.0)  # same arrival time: the id breaks the tie
+    c = add_case(store, "NO_MODEL", arrived=10.0)
+    predict(store, a, "000004")
+    store.record_dose_delta(a, reference_label="predicted", other_label="corrected", delta={}, mean_delta_gy=2.0,
+                            flagged=True)
+    rows = store.worklist()
+    assert [r.id for r in rows] == [c, b, a]
+    assert sorted(r.id for r in store.worklist(flagged=True)) == sorted([a, b])
+    assert [r.id for r in store.worklist(flagged=False)] == [c]
+    assert [r.id for r in store.worklist(states=["PREDICTED"])] == [a]
+    assert store.worklist(case_id=a)[0].model_version == "000004"
+    assert store.next_reviewable_case() == a
+    assert store.next_reviewable_case(a) == c and store.next_reviewable_case(b) == c
+    assert store.next_reviewable_case(c) == a
+    with pytest.raises(KeyError):
+        store.next_reviewable_case(999)
