@@ -19,7 +19,7 @@ from heartloop.phantom import make_patient
 from heartloop.service.app import Service, trainer_enabled
 from heartloop.service.contouring import JOB_CONTOUR, ContouringStage, models_dir
 from heartloop.service.corrections import submit_correction
-from heartloop.service.training import checkpoint_path, inference_waiting, run_trainer
+from heartloop.service.training import checkpoint_path, inference_waiting, read_trainer_status, run_trainer
 from heartloop.store import Store
 from tests.helpers.procs import free_port, wait_for
 from tests.service.test_corrections import add_case
@@ -86,6 +86,10 @@ def test_trainer_promotes_repredicts_survives_sigkill_and_resumes(make_settings,
             registry.load(meta.version)
         epoch_at_kill = TrainerState.resume(checkpoint_path(settings)).epoch
         assert epoch_at_kill >= 1
+        # The status file the dashboard reads was kept up to date, epoch by epoch.
+        status = read_trainer_status(settings)
+        assert status["state"] in ("training", "yielding") and 1 <= status["epochs"] <= epoch_at_kill + 1
+        assert status["train_cases"] == 3 and status["val_cases"] == 1 and status["current_version"] is not None
         # Splits are fixed in the store by RootPainter3D's rule: train, validation, train, train.
         assert [c.split for c in store.corrections()] == ["train", "validation", "train", "train"]
 
@@ -109,6 +113,7 @@ def test_idle_trainer_waits_without_corrections(make_settings):
                        stop=_StopAfter(0.3)) == 0
     assert time.monotonic() - started < 5
     assert not checkpoint_path(settings).exists()
+    assert read_trainer_status(settings)["state"] == "waiting for corrections"
 
 
 class _StopAfter:
