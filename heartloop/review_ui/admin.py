@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, g, jsonify, render_template, request
+from flask import Blueprint, jsonify, render_template, request
 
 from heartloop.config import settings_to_dict
 from heartloop.review_ui.security import audit, error_response, hash_password, login_required, store
