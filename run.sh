@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # HeartLoop front door.
 #   ./run.sh serve   create .venv if needed, then start the service with embedded defaults
-#                    (SQLite, local files, CPU) and push 3 synthetic patients to it
-#   ./run.sh test    install what the tests need (apt: dcmtk, dicom3tools, postgresql; pip) and run them
+#                    (SQLite, local files, CPU, review UI on http://127.0.0.1:8080/) and push 3
+#                    synthetic patients to it; the first start prints the admin's password once
+#   ./run.sh test    install what the tests need (apt: dcmtk, dicom3tools, postgresql, chromium,
+#                    chromium-driver; pip) and run them
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,6 +32,9 @@ ensure_system_packages() {
     command -v storescu >/dev/null || missing+=(dcmtk)
     command -v dciodvfy >/dev/null || missing+=(dicom3tools)
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+    # The browser tests drive Debian's Chromium through its chromedriver.
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
     if [ ${#missing[@]} -gt 0 ]; then
         if [ "$(id -u)" = 0 ]; then
             apt-get update -qq
