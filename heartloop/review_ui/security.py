@@ -3,7 +3,8 @@
 - Passwords are stored as salted scrypt hashes (werkzeug); never logged.
 - The session is Flask's signed cookie: ``Secure`` (setting), ``HttpOnly``, ``SameSite=Strict``;
   it carries the user id, a fingerprint of the user's password hash (a password change ends every
-  other session), a CSRF token and the time of the last request (idle timeout).
+  other session), a CSRF token and the time of the last request (idle timeout); requests marked
+  ``X-HeartLoop-Background: 1`` (auto-refresh) do not count as activity.
 - Views protected by `login_required` are known before the view runs: an anonymous call to one is
   answered 401 (API) or redirected to the login page (HTML) before anything else is looked at.
 - Every state-changing request (POST, PUT, PATCH, DELETE) must carry the session's CSRF token, in
@@ -36,6 +37,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
+#: Sent by automatic requests (a page refreshing itself): they do not count as activity, so an
+#: open worklist does not keep an unattended session alive past the idle timeout.
+BACKGROUND_HEADER = "X-HeartLoop-Background"
 MIN_PASSWORD_CHARS = 8
 #: Failed logins in a row after which a username is locked, and for how long.
 MAX_FAILURES = 5
@@ -190,7 +194,8 @@ def load_user_and_check() -> Any:
                 _forget_user()  # deactivated, deleted or password changed: this session is over
             else:
                 g.user = user
-                session["seen"] = at
+                if request.headers.get(BACKGROUND_HEADER) != "1":  # polling is not a person at work
+                    session["seen"] = at
     protected, _role = _required_role(request.endpoint)
     if protected and g.user is None:
         return _anonymous_answer()

@@ -287,3 +287,18 @@ def test_security_headers_and_no_caching_of_patient_data(ui_app_factory, client_
         assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp.split(
             "style-src")[0]
         assert rsp.headers["X-Frame-Options"] == "DENY" and rsp.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_auto_refresh_does_not_keep_an_idle_session_alive(ui_app_factory, make_user, monkeypatch, make_settings):
+    clock = [3_000_000.0]
+    monkeypatch.setattr(security, "now", lambda: clock[0])
+    app = ui_app_factory(settings=make_settings(http={"idle_timeout_min": 10}))
+    make_user("ann")
+    client = Client(app)
+    assert client.login("ann").status_code == 200
+    background = {"X-HeartLoop-Background": "1"}
+    for _ in range(9):  # a worklist left open polls every few seconds: 9 minutes of polling
+        clock[0] += 60
+        assert client.get("/api/cases", headers=background).status_code == 200
+    clock[0] += 60 + 1  # 10 min after the last real activity
+    assert client.get("/api/cases", headers=background).status_code == 401

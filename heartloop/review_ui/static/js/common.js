@@ -1,7 +1,9 @@
 /* HeartLoop shared browser helpers, exported as the global `HL`.
  *
- * HL.api(method, path, body) -> Promise of the parsed JSON answer (or an ArrayBuffer for
- *   application/octet-stream answers, or null for an empty answer).
+ * HL.api(method, path, body[, options]) -> Promise of the parsed JSON answer (or an ArrayBuffer
+ *   for application/octet-stream answers, or null for an empty answer).
+ *   options.background = true marks an automatic request (polling): it does not count as user
+ *   activity for the idle timeout.
  *   - sends the CSRF token from <meta name="csrf-token"> in the X-CSRF-Token header;
  *   - sends `body` as JSON when given;
  *   - on 401 redirects to /login?next=<this page> (and rejects);
@@ -32,9 +34,10 @@
     window.location.assign("/login?next=" + encodeURIComponent(here));
   }
 
-  async function api(method, path, body) {
+  async function api(method, path, body, options) {
     method = (method || "GET").toUpperCase();
     var headers = { "Accept": "application/json" };
+    if (options && options.background) headers["X-HeartLoop-Background"] = "1";
     var init = { method: method, headers: headers, credentials: "same-origin", cache: "no-store" };
     if (method !== "GET" && method !== "HEAD") headers["X-CSRF-Token"] = csrf();
     if (body !== undefined && body !== null) {

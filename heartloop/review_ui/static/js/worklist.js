@@ -73,18 +73,18 @@
     refreshed.textContent = "Updated " + new Date().toLocaleTimeString();
   }
 
-  async function load() {
+  async function load(background) {
     if (timer) clearTimeout(timer);
     try {
       var q = query();
-      render(await HL.api("GET", "/api/cases" + (q ? "?" + q : "")));
+      render(await HL.api("GET", "/api/cases" + (q ? "?" + q : ""), null, { background: background === true }));
       errorBox.hidden = true;
     } catch (err) {
       if (err.status === 401) return;
       errorBox.textContent = "Could not load the worklist: " + err.message;
       errorBox.hidden = false;
     }
-    timer = setTimeout(load, REFRESH_MS);
+    timer = setTimeout(function () { load(true); }, REFRESH_MS);
   }
 
   function filtersChanged() {
@@ -107,6 +107,6 @@
     var tr = e.target.closest("tr[data-id]");
     if (tr && e.key === "Enter") window.location.assign("/cases/" + tr.dataset.id);
   });
-  document.addEventListener("visibilitychange", function () { if (!document.hidden) load(); });
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) load(true); });
   load();
 })();
