@@ -106,6 +106,22 @@ def mean_dose(mask: np.ndarray, ct: Volume, dose: Volume) -> float:
     return float(dose_on_mask(ct.with_array(mask), dose).mean_gy)
 
 
+def _override(settings: ContouringSettings, assignments: list[str]) -> ContouringSettings:
+    """`settings` with ``FIELD=VALUE`` overrides (values parsed as Python literals)."""
+    import ast
+
+    changes = {}
+    for item in assignments:
+        name, _, text = item.partition("=")
+        if name not in {f.name for f in dataclasses.fields(ContouringSettings)}:
+            raise SystemExit(f"--set {item!r}: ContouringSettings has no field {name!r}")
+        try:
+            changes[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            changes[name] = text
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", type=int, default=30)
@@ -117,9 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--box-margin-mm", type=float, default=15.0)
     p.add_argument("--tiny", action="store_true", help="tiny network (a quick check that the bench runs)")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--late-from", type=int, default=16,
+                   help="first case of the summary medians (16 for the 30-case goal; lower for reduced runs)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ContouringSettings field for this run (repeatable), to compare variants")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     settings = TINY if args.tiny else dataclasses.replace(ContouringSettings(), device="cpu")
+    settings = _override(settings, args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, float | int | str]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     _plot(rows, args.out / "learning_curve.png")
-    late = rows[15:30]
+    late = rows[args.late_from - 1 : 30]
     early_effort = np.median([r["effort_voxels"] for r in rows[1:4]]) if len(rows) > 1 else float("nan")
     late_dice = np.nanmedian([r["dice"] for r in late]) if late else float("nan")
     late_dose = np.nanmedian([r["dose_diff_gy"] for r in late]) if late else float("nan")

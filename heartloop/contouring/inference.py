@@ -2,7 +2,8 @@
 
 Stage 1 — the localiser sees the whole CT block-averaged to ``settings.localiser_voxel_mm``
 (`heartloop.contouring.resample.block_average`); its largest connected component above 0.5 gives
-the heart's bounding box, widened by ``settings.margin_mm`` on every side and mapped back to CT
+the heart's bounding box (a missing or implausibly sized component falls back to other thresholds,
+then to a heart-sized default box: `Predictor.localise`), widened by ``settings.margin_mm`` on every side and mapped back to CT
 voxel indices exactly (the coarse→CT mapping of block averaging is exact in index space; the margin
 along the slice axis goes through ``slice_offsets``, so uneven series are handled). A reviewer's
 explicit box (patient millimetres) replaces stage 1.
@@ -53,6 +54,21 @@ THRESHOLD = 0.5
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 #: Kind of weights a `Predictor` saves to the registry.
 MODEL_KIND = "localiser+organ"
+#: Volumes (ml) of a localiser component that can be a whole adult heart. Outside them the
+#: localiser is not trusted as is (see `Predictor.localise`).
+PLAUSIBLE_HEART_ML = (100.0, 2500.0)
+#: Lower probability thresholds tried when the localiser's component at 0.5 is missing or too small.
+FALLBACK_THRESHOLDS = (0.3, 0.15, 0.05)
+#: Higher thresholds tried when the component at 0.5 is too big (heart merged with neighbours).
+SPLIT_THRESHOLDS = (0.7, 0.85)
+#: Extent (mm) of the default heart box (before `margin_mm`) when the localiser finds nothing:
+#: larger than an adult heart (≈ 120 × 90 × 120 mm) so a rough centre still covers it.
+DEFAULT_HEART_BOX_MM = 150.0
+#: Where an adult heart's centre lies relative to the body's centre on an axial slice (LPS mm):
+#: left of the midline and anterior (−y) of the body's centre of mass.
+HEART_OFFSET_FROM_BODY_MM = (15.0, -25.0, 0.0)
+#: HU above which a voxel of the coarse CT is body (air and lung are below).
+BODY_HU = -300.0
 
 # Settings fields that decide the networks' shape and input grids: they travel with the weights.
 _MODEL_FIELDS = ("width", "depth", "groupnorm_groups", "localiser_voxel_mm", "organ_voxel_mm", "margin_mm")
@@ -216,6 +232,74 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
+def plausible_component(probability: np.ndarray, voxel_ml: float) -> tuple[np.ndarray | None, str]:
+    """The localiser's heart component and how it was found (empty string: the usual way).
+
+    The largest component above `THRESHOLD` when its volume is within `PLAUSIBLE_HEART_ML`;
+    otherwise the first plausible one at `FALLBACK_THRESHOLDS` (too small or missing) or
+    `SPLIT_THRESHOLDS` (too big); a too-big component nothing splits is kept (it holds the heart).
+    ``None`` when no threshold gives a plausible component.
+    """
+    low, high = PLAUSIBLE_HEART_ML
+    component = largest_component(probability > THRESHOLD)
+    volume = float(component.sum()) * voxel_ml
+    if low <= volume <= high:
+        return component, ""
+    retries = SPLIT_THRESHOLDS if volume > high else FALLBACK_THRESHOLDS
+    for threshold in retries:
+        candidate = largest_component(probability > threshold)
+        candidate_ml = float(candidate.sum()) * voxel_ml
+        if low <= candidate_ml <= high:
+            return candidate, (f"component of {volume:.0f} ml at {THRESHOLD} is implausible; "
+                               f"using {candidate_ml:.0f} ml at {threshold}")
+    if volume > high:
+        return component, f"component of {volume:.0f} ml is bigger than a heart; kept (no threshold splits it)"
+    return None, ""
+
+
+def coarse_box_on_ct(component: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]) -> Box:
+    """CT index box of a localiser-grid mask (coarse voxel c covers CT voxels c·f … c·f + f − 1:
+    block averaging is exact in index space)."""
+    where = np.nonzero(component)
+    return tuple(  # type: ignore[return-value]
+        (int(idx.min()) * f, min(n, (int(idx.max()) + 1) * f)) for idx, f, n in zip(where, factors, shape)
+    )
+
+
+def body_heart_centre(ct: Volume, coarse_hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray | None:
+    """Fractional CT index ``(i, j, k)`` of the usual heart position: `HEART_OFFSET_FROM_BODY_MM`
+    from the centre of mass of the body (largest component above `BODY_HU` on the coarse CT),
+    mid-way along the body's extent in z. ``None`` when there is no body."""
+    body = largest_component(coarse_hu > BODY_HU)
+    if not body.any():
+        return None
+    k, j, i = (np.nonzero(body)[axis] for axis in range(3))
+    coarse_centre = ((k.min() + k.max()) / 2.0, j.mean(), i.mean())
+    centre_kji = np.array([(c + 0.5) * f - 0.5 for c, f in zip(coarse_centre, factors)])
+    centre_mm = ct.voxel_to_patient(centre_kji[::-1]) + np.asarray(HEART_OFFSET_FROM_BODY_MM)
+    return ct.patient_to_voxel(centre_mm)
+
+
+def box_around(ct: Volume, centre_ijk: np.ndarray, size_mm: float) -> Box:
+    """CT index box of a `size_mm` cube (axis-aligned in the patient) centred on `centre_ijk`,
+    clipped to the CT."""
+    centre_mm = ct.voxel_to_patient(np.asarray(centre_ijk, dtype=np.float64))
+    half = size_mm / 2.0
+    box = box_from_mm_clipped(ct, (centre_mm - half, centre_mm + half))
+    return box
+
+
+def box_from_mm_clipped(ct: Volume, box_mm: tuple[np.ndarray, np.ndarray]) -> Box:
+    """`box_from_mm`, but a box that misses the CT shrinks to the nearest voxels instead of failing."""
+    try:
+        return box_from_mm(ct, box_mm)
+    except ValueError:
+        corners = np.array(list(itertools.product(*zip(box_mm[0], box_mm[1]))), dtype=np.float64)
+        ijk = np.clip(np.rint(ct.patient_to_voxel(corners)), 0, np.array(ct.shape[::-1]) - 1).astype(int)
+        lo, hi = ijk.min(axis=0), ijk.max(axis=0) + 1
+        return tuple((int(lo[a]), int(hi[a])) for a in (2, 1, 0))  # type: ignore[return-value]
+
+
 def run_network(
     model: UNet3D, hu: np.ndarray, device: torch.device, dtype: torch.dtype
 ) -> np.ndarray:
@@ -297,20 +381,39 @@ class Predictor:
 
     # -- prediction ---------------------------------------------------------------------------
     def localise(self, ct: Volume) -> Box | None:
-        """Stage 1: the heart's CT index box (margin included), or ``None`` when nothing is found."""
+        """Stage 1: the heart's CT index box (margin included); never ``None`` for a CT with a body.
+
+        The largest component above 0.5 is used when its volume is a plausible heart
+        (`PLAUSIBLE_HEART_ML`). A miss or a too-small component (an under-confident localiser, e.g.
+        early in training or on an unusual CT) tries `FALLBACK_THRESHOLDS`; a too-big one tries
+        `SPLIT_THRESHOLDS` and is kept when none splits it. Then, still without a plausible
+        component: a heart-sized box (`DEFAULT_HEART_BOX_MM`) around the most probable region, or,
+        with no signal at all, around the usual heart position relative to the body outline —
+        the organ network segments it and the reviewer corrects, which beats an empty contour.
+        ``None`` only when the CT holds no body either.
+        """
         factors = block_factors(ct, self.settings.localiser_voxel_mm)
         coarse = block_average(ct.array, factors)
         probability = run_network(self.localiser, coarse, self.device, self.dtype)
-        component = largest_component(probability > THRESHOLD)
-        if not component.any():
-            return None
-        where = np.nonzero(component)
-        # Coarse voxel c covers CT voxels c·f … c·f + f − 1 (block averaging is exact in index space).
-        box = tuple(
-            (int(idx.min()) * f, min(n, (int(idx.max()) + 1) * f))
-            for idx, f, n in zip(where, factors, ct.shape)
-        )
-        return add_margin(ct, box, self.settings.margin_mm)  # type: ignore[arg-type]
+        spacing = (ct.slice_spacing, ct.pixel_spacing[0], ct.pixel_spacing[1])
+        coarse_voxel_ml = float(np.prod([f * s for f, s in zip(factors, spacing)])) / 1000.0
+        component, how = plausible_component(probability, coarse_voxel_ml)
+        if component is not None:
+            if how:
+                log.warning("localiser (model %s): %s", self.version, how)
+            return add_margin(ct, coarse_box_on_ct(component, factors, ct.shape), self.settings.margin_mm)
+        if probability.max() > FALLBACK_THRESHOLDS[-1]:
+            centre = np.unravel_index(int(np.argmax(probability)), probability.shape)
+            centre_ijk = np.array([(c + 0.5) * f - 0.5 for c, f in zip(centre, factors)])[::-1]
+            how = f"no plausible heart component (peak probability {probability.max():.2f}): default box at the peak"
+        else:
+            centre_ijk = body_heart_centre(ct, coarse, factors)
+            if centre_ijk is None:
+                return None
+            how = "no heart signal: default box at the usual heart position in the body outline"
+        log.warning("localiser (model %s): %s", self.version, how)
+        box = box_around(ct, centre_ijk, DEFAULT_HEART_BOX_MM)
+        return add_margin(ct, box, self.settings.margin_mm)
 
     def segment(self, ct: Volume, box: Box) -> np.ndarray:
         """Stage 2: float32 heart probability on the CT crop `box`."""

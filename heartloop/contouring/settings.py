@@ -67,6 +67,10 @@ class ContouringSettings:
         Loss weight of voxels the reviewer did not paint but implicitly accepted, in the dense
         (confidence-weighted) loss; painted voxels weigh 1. Seed 004 eq. 12 with
         ``ω = 1 / accepted_voxel_weight - 1``.
+    correction_loss
+        How sparse corrections train: ``"masked"`` (painted voxels only, RootPainter3D) or
+        ``"dense"`` (the whole corrected contour of the reviewed region, unpainted voxels weighing
+        `accepted_voxel_weight`; seed 004 eq. 9/12).
     replay_aux_buffer_size, replay_min_weight, replay_fresh_visits
         Replay sampling parameters, see `heartloop.contouring.sampling`.
     device
@@ -98,6 +102,7 @@ class ContouringSettings:
     batch_size: int = 2
     epochs_without_progress_restart: int = 60
     accepted_voxel_weight: float = 0.25
+    correction_loss: str = "masked"
     replay_aux_buffer_size: int = 20
     replay_min_weight: float = 0.2
     replay_fresh_visits: int = 8
@@ -135,6 +140,8 @@ class ContouringSettings:
             raise ValueError("epochs_without_progress_restart must be at least 1 (RootPainter3D uses 60)")
         if not (0 <= self.accepted_voxel_weight <= 1):
             raise ValueError(f"accepted_voxel_weight = {self.accepted_voxel_weight} must be in [0, 1]")
+        if self.correction_loss not in ("masked", "dense"):
+            raise ValueError(f"correction_loss = {self.correction_loss!r}: use \"masked\" or \"dense\"")
         if self.replay_aux_buffer_size < 1:
             raise ValueError("replay_aux_buffer_size must be at least 1")
         if not (0 < self.replay_min_weight <= 1):

@@ -141,17 +141,21 @@ class StageArrays:
     background: np.ndarray
     prediction: np.ndarray
     dense: bool
+    #: Voxels that exist in the CT (False where a patch was padded); ``None``: all of them.
+    region: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class PatchBatch:
-    """Stacked patches of one stage: ``hu`` (N, D, H, W) float32 and bool masks of that shape."""
+    """Stacked patches of one stage: ``hu`` (N, D, H, W) float32 and bool masks of that shape.
+    ``region`` (optional) marks voxels that exist in the CT: padding never counts in a dense loss."""
 
     hu: np.ndarray
     foreground: np.ndarray
     background: np.ndarray
     prediction: np.ndarray
     dense: tuple[bool, ...]
+    region: np.ndarray | None = None
 
 
 def _bbox(mask: np.ndarray) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -185,17 +189,21 @@ def organ_arrays(correction: Correction, settings: ContouringSettings) -> StageA
 def localiser_arrays(correction: Correction, settings: ContouringSettings) -> StageArrays:
     """The correction on the localiser grid (block average; "any painted fine voxel" labels)."""
     factors = block_factors(correction.ct, settings.localiser_voxel_mm)
+    # "Any heart" is the coarse label: a block holding any heart of the corrected contour is heart,
+    # even where the reviewer painted away a false-positive rim inside it.
+    heart = block_any(correction.label, factors)
     if correction.dense:
-        foreground = block_any(correction.label, factors)
+        foreground = heart
         background = ~foreground
     else:
         foreground = block_any(correction.foreground, factors)
-        background = block_any(correction.background, factors) & ~foreground
+        background = block_any(correction.background, factors) & ~foreground & ~heart
     return StageArrays(
         hu=block_average(correction.ct.array, factors),
         foreground=foreground,
         background=background,
-        prediction=block_any(correction.label, factors) if correction.dense else block_any(correction.prediction, factors),
+        # The corrected contour on this grid: the target of the dense (confidence-weighted) loss.
+        prediction=heart,
         dense=correction.dense,
     )
 
@@ -214,6 +222,8 @@ def extract_patch(
     the heart half of the time — so every patch carries training signal. Arrays smaller than the
     patch are padded (HU by edge replication, masks with False: padding is never annotated)."""
     hu = _pad_to(arrays.hu, size, edge=True)
+    region = _pad_to(np.ones(arrays.hu.shape, dtype=bool) if arrays.region is None else arrays.region, size,
+                     edge=False)
     fg = _pad_to(arrays.foreground, size, edge=False)
     bg = _pad_to(arrays.background, size, edge=False)
     pred = _pad_to(arrays.prediction, size, edge=False)
@@ -231,7 +241,7 @@ def extract_patch(
         start.append(int(np.clip(c - s // 2 + jitter, 0, n - s)))
     window = tuple(slice(st, st + s) for st, s in zip(start, size))
     return StageArrays(hu=hu[window], foreground=fg[window], background=bg[window], prediction=pred[window],
-                       dense=arrays.dense)
+                       dense=arrays.dense, region=region[window])
 
 
 class TrainingData:
@@ -357,24 +367,41 @@ class TrainingData:
             background=np.stack([p.background for p in parts]),
             prediction=np.stack([p.prediction for p in parts]),
             dense=tuple(p.dense for p in parts),
+            region=np.stack([np.ones(p.hu.shape, dtype=bool) if p.region is None else p.region for p in parts]),
         )
 
 
 # -- learning ----------------------------------------------------------------------------------------
-def batch_loss(logits: torch.Tensor, batch: PatchBatch) -> torch.Tensor:
-    """Mean over the batch of `masked_loss` (sparse corrections) or `dense_loss` with every voxel
-    weighted 1 (dense labels)."""
+def batch_loss(logits: torch.Tensor, batch: PatchBatch, accepted_weight: float = 0.0) -> torch.Tensor:
+    """Mean over the batch of the loss of each patch.
+
+    Dense labels: `dense_loss` with every voxel weighted 1. Sparse corrections: `masked_loss`
+    (painted voxels only, RootPainter3D) when `accepted_weight` is 0; otherwise the confidence-
+    weighted `dense_loss` (seed 004 eq. 9/12) on the corrected contour, painted voxels weighing 1
+    and the unpainted ones the reviewer accepted `accepted_weight`. Padding never counts.
+    """
     losses = []
     for n, dense in enumerate(batch.dense):
         fg = torch.from_numpy(batch.foreground[n : n + 1]).to(logits.device)
         bg = torch.from_numpy(batch.background[n : n + 1]).to(logits.device)
+        region = None if batch.region is None else torch.from_numpy(batch.region[n : n + 1]).to(logits.device)
         if dense:
             pred = torch.from_numpy(batch.prediction[n : n + 1]).to(logits.device)
             empty = torch.zeros_like(fg)
-            losses.append(dense_loss(logits[n : n + 1], pred, empty, empty, accepted_weight=1.0))
+            losses.append(dense_loss(logits[n : n + 1], pred, empty, empty, accepted_weight=1.0, region=region))
+        elif accepted_weight > 0:
+            pred = torch.from_numpy(batch.prediction[n : n + 1]).to(logits.device)
+            if region is not None:  # padding is unpainted and unseen: weight 0 (dense_loss keeps painted voxels)
+                fg, bg = fg & region, bg & region
+            losses.append(dense_loss(logits[n : n + 1], pred, fg, bg, accepted_weight=accepted_weight, region=region))
         else:
             losses.append(masked_loss(logits[n : n + 1], fg, bg))
     return torch.stack(losses).mean()
+
+
+def correction_accepted_weight(settings: ContouringSettings) -> float:
+    """Weight of unpainted voxels of sparse corrections: 0 for the masked loss."""
+    return settings.accepted_voxel_weight if settings.correction_loss == "dense" else 0.0
 
 
 def make_optimiser(model: UNet3D, settings: ContouringSettings) -> torch.optim.Optimizer:
@@ -443,6 +470,7 @@ def train_epoch(
     dtype = resolve_precision(settings.precision, device)
     memory_format = preferred_memory_format(device, dtype, training=True)
     planned = data.epoch_samples()
+    accepted_weight = correction_accepted_weight(settings)
     steps = samples = 0
     yielded = 0.0
     loss_sums = {stage: 0.0 for stage in STAGES}
@@ -463,7 +491,7 @@ def train_epoch(
             optimiser.zero_grad(set_to_none=True)
             with autocast(device, dtype):
                 logits = models[stage](x)
-            loss = batch_loss(logits, batch)
+            loss = batch_loss(logits, batch, accepted_weight)
             loss.backward()
             optimiser.step()
             loss_sums[stage] += float(loss.detach())

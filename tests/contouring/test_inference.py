@@ -15,6 +15,7 @@ from heartloop.contouring.inference import (
     Predictor,
     add_margin,
     box_from_mm,
+    plausible_component,
     settings_to_dict,
 )
 from heartloop.contouring.network import UNet3D
@@ -164,13 +165,74 @@ def test_organ_grid_round_trip_is_identity_for_smooth_data(uneven_patient) -> No
     assert np.allclose(back[interior], field[interior], atol=1e-2)
 
 
-def test_localiser_miss_gives_empty_mask_with_reason(patient) -> None:
+def _coarse_truth(ct, truth: np.ndarray) -> np.ndarray:
+    """The heart on the localiser grid (coarse voxels holding any heart)."""
+    factors = block_factors(ct, SETTINGS.localiser_voxel_mm)
+    padded = [int(np.ceil(s / f) * f) for s, f in zip(ct.shape, factors)]
+    grown = np.zeros(padded, dtype=bool)
+    grown[: ct.shape[0], : ct.shape[1], : ct.shape[2]] = truth
+    return grown.reshape(padded[0] // factors[0], factors[0], padded[1] // factors[1], factors[1],
+                         padded[2] // factors[2], factors[2]).any(axis=(1, 3, 5))
+
+
+def _fraction_inside(mask: np.ndarray, box) -> float:
+    inside = mask[tuple(slice(lo, hi) for lo, hi in box)].sum()
+    return float(inside) / float(mask.sum())
+
+
+@pytest.mark.parametrize("seed", [3, 11, 12])
+def test_localiser_miss_falls_back_to_the_heart_position_in_the_body(seed: int) -> None:
+    patient = make_patient(seed, rows=128, n_slices=40)
     predictor = Predictor(FixedLogits(-20.0), FixedLogits(20.0), SETTINGS, "000003")
     prediction = predictor.predict(patient.volume)
+    # A miss never gives an empty contour: a heart-sized box where hearts are, segmented.
+    assert prediction.box is not None and not prediction.is_empty and not prediction.reason
+    assert prediction.box_source == "localiser" and prediction.model_version == "000003"
+    assert _fraction_inside(patient.heart_mask, prediction.box) > 0.9
+
+
+def test_localiser_miss_on_a_ct_without_a_body_gives_empty_mask_with_reason(patient) -> None:
+    air = patient.volume.with_array(np.full(patient.volume.shape, -1000, dtype=np.int16))
+    prediction = Predictor(FixedLogits(-20.0), FixedLogits(20.0), SETTINGS, "000003").predict(air)
     assert prediction.box is None and prediction.probability is None
     assert prediction.is_empty and prediction.reason
-    assert prediction.mask.same_grid(patient.volume)
-    assert prediction.model_version == "000003"
+    assert prediction.mask.same_grid(air)
+
+
+def test_under_confident_localiser_uses_a_lower_threshold(patient) -> None:
+    ct, truth = patient.volume, patient.heart_mask
+    coarse = _coarse_truth(ct, truth)
+    confident = Predictor(FixedLogits(np.where(coarse, 20.0, -20.0)), FixedLogits(20.0), SETTINGS, "1")
+    unsure = Predictor(FixedLogits(np.where(coarse, -0.5, -20.0)), FixedLogits(20.0), SETTINGS, "1")  # p = 0.38
+    assert unsure.localise(ct) == confident.localise(ct)
+
+
+def test_a_speck_of_localiser_signal_gives_a_heart_sized_box_around_it(patient) -> None:
+    ct, truth = patient.volume, patient.heart_mask
+    coarse = _coarse_truth(ct, truth)
+    centre = tuple(int(round(np.mean(w))) for w in np.nonzero(coarse))
+    logits = np.full(coarse.shape, -20.0)
+    logits[centre] = 20.0  # one coarse voxel: far smaller than a heart
+    box = Predictor(FixedLogits(logits), FixedLogits(20.0), SETTINGS, "1").localise(ct)
+    assert box is not None and _fraction_inside(truth, box) > 0.95
+
+
+def test_plausible_component_rules() -> None:
+    probability = np.zeros((20, 20, 20), dtype=np.float32)
+    probability[5:10, 5:10, 5:10] = 0.9  # 125 voxels
+    component, how = plausible_component(probability, voxel_ml=1.0)
+    assert component is not None and component.sum() == 125 and how == ""
+    probability[5:10, 5:10, 5:10] = 0.2  # under-confident: found at a lower threshold, and said so
+    component, how = plausible_component(probability, voxel_ml=1.0)
+    assert component is not None and component.sum() == 125 and "0.15" in how
+    component, _ = plausible_component(probability, voxel_ml=0.01)  # 1.25 ml: not a heart
+    assert component is None
+    big = np.full((20, 20, 20), 0.6, dtype=np.float32)
+    big[5:10, 5:10, 5:10] = 0.9  # a heart inside a too-big blob: split off at a higher threshold
+    component, how = plausible_component(big, voxel_ml=1.0)
+    assert component is not None and component.sum() == 125 and "0.7" in how
+    component, how = plausible_component(np.full((20, 20, 20), 0.9, dtype=np.float32), voxel_ml=1.0)
+    assert component is not None and component.all() and "kept" in how  # nothing splits it: keep it
 
 
 def test_load_from_registry_round_trip(tmp_path, patient) -> None:

@@ -214,3 +214,50 @@ def test_correction_is_validated(corrections) -> None:
         Correction("a", ct, empty[:-1], empty[:-1], empty[:-1])
     dense = Correction.from_label("a", ct, corrections[0].prediction)
     assert dense.dense and dense.annotated.all()
+
+
+def test_dense_correction_loss_learns_the_accepted_contour_but_never_the_padding() -> None:
+    rng = np.random.default_rng(1)
+    shape = (8, 8, 8)
+    logits = torch.randn(1, 1, *shape)
+    fg = np.zeros(shape, dtype=bool)
+    bg = np.zeros(shape, dtype=bool)
+    fg[2:4, 2:4, 2:4] = True
+    bg[5:7, 5:7, 5:7] = True
+    region = np.ones(shape, dtype=bool)
+    region[:, :, 6:] = False  # padding beyond the CT's edge
+    prediction_a = rng.random(shape) > 0.5
+    prediction_b = prediction_a.copy()
+    prediction_b[:, :, 6:] = ~prediction_b[:, :, 6:]  # differs only in the padding
+
+    def loss(prediction: np.ndarray) -> torch.Tensor:
+        hu = np.zeros((1, *shape), dtype=np.float32)
+        batch = PatchBatch(hu=hu, foreground=fg[None], background=bg[None], prediction=prediction[None],
+                           dense=(False,), region=region[None])
+        return batch_loss(logits, batch, accepted_weight=0.25)
+
+    assert torch.equal(loss(prediction_a), loss(prediction_b))
+    assert not torch.isclose(loss(prediction_a), loss(rng.random(shape) > 0.5))
+    # Weight 0 is exactly RootPainter3D's masked loss.
+    batch = _batch(prediction_a, fg, bg, dense=False)
+    assert torch.equal(batch_loss(logits, batch, accepted_weight=0.0), batch_loss(logits, batch))
+
+
+def test_correction_loss_setting_chooses_the_accepted_weight() -> None:
+    from heartloop.contouring.training import correction_accepted_weight
+
+    assert correction_accepted_weight(dataclasses.replace(SETTINGS, correction_loss="masked")) == 0.0
+    dense = dataclasses.replace(SETTINGS, correction_loss="dense", accepted_voxel_weight=0.3)
+    assert correction_accepted_weight(dense) == 0.3
+    with pytest.raises(ValueError):
+        dataclasses.replace(SETTINGS, correction_loss="proxy")
+
+
+def test_localiser_background_never_covers_accepted_heart(corrections) -> None:
+    correction = corrections[0]
+    prediction = np.zeros(correction.ct.shape, dtype=bool)
+    prediction[10:12, 40:44, 40:44] = True  # accepted heart
+    bg = np.zeros_like(prediction)
+    bg[10:12, 40:44, 44:46] = True  # a false-positive rim painted away, in the same coarse voxels
+    arrays = localiser_arrays(Correction("x", correction.ct, prediction | bg, np.zeros_like(bg), bg), SETTINGS)
+    assert arrays.prediction.any() and not (arrays.background & arrays.prediction).any()
