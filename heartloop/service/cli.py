@@ -448,7 +448,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 # -- correct ----------------------------------------------------------------------------------------
 
 def cmd_correct(args: argparse.Namespace) -> int:
-    from heartloop.service.corrections import import_clinical_structure, submit_correction
+    from heartloop.service.corrections import enqueue_finalise, import_clinical_structure, submit_correction
     from heartloop.service.lifecycle import load_case_volume
     from heartloop.service.outputs import mask_from_nifti
     from heartloop.store import Store
@@ -474,9 +474,12 @@ def cmd_correct(args: argparse.Namespace) -> int:
             bg = mask_from_nifti(Path(args.background), ct).array
             correction_id = submit_correction(store, settings, args.case, foreground=fg, background=bg,
                                               corrected_by=args.by, kind=args.kind)
+            # As a save in the review UI: the running service sends the corrected structure and report.
+            enqueue_finalise(store, args.case, correction_id)
     finally:
         store.dispose()
-    print(f"case {args.case}: correction {correction_id} saved; the case is CORRECTED and the trainer will learn from it")
+    print(f"case {args.case}: correction {correction_id} saved; the case is CORRECTED and the trainer will learn from it"
+          + ("" if args.from_rtstruct else "; the service sends the corrected RTSTRUCT and dose report to the TPS"))
     return 0
 
 

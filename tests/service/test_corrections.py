@@ -139,6 +139,9 @@ def test_cli_correct(service_store, tmp_path, capsys):
                  "--by", "Curie^M", "--data-dir", root]) == 0
     assert "CORRECTED" in capsys.readouterr().out
     (row,) = store.corrections()
+    # The running service will send it, as after a save in the review UI.
+    assert [(j.kind, j.payload_json) for j in store.jobs("PENDING")] == [
+        ("finalise", f'{{"case_id": {case_id}, "correction_id": {row.id}}}')]
     arrays = load_correction_arrays(store, row.path)
     np.testing.assert_array_equal(arrays.foreground, fg)
     np.testing.assert_array_equal(arrays.background, bg)
