@@ -21,6 +21,7 @@ from heartloop.review_ui.app import ui_services
 from heartloop.review_ui.security import audit, error_response, login_required, store
 from heartloop.review_ui.services import CorrectionRequest
 from heartloop.review_ui.volumes import SLAB, Box, PreparedCase, VolumeCache, mask_box
+from heartloop.review_ui.volumes import dose_slab as dose_slab_bytes
 from heartloop.store import active_seconds
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _prepared(case_id: int) -> Any:
         return error_response(409, f"case {case_id} cannot be shown: {exc}")
 
 
-def _binary(view: memoryview | bytes, etag: str) -> Response:
+def _binary(view: bytes, etag: str) -> Response:
     """An octet-stream answer with a strong ETag (304 when the browser already has it)."""
     if request.if_none_match.contains(etag):
         rsp = Response(status=304)
@@ -104,6 +105,16 @@ def _case_fields(case: Any) -> dict[str, Any]:
     from heartloop.review_ui.worklist import case_summary
 
     return case_summary(store(), case.id) or {"id": case.id, "state": case.state}
+
+
+def _dose_meta(cache: VolumeCache, case_id: int) -> dict[str, Any] | None:
+    """Meta's ``dose``: null (none), the scale, or ``pending`` while it is still being prepared."""
+    state, dose = cache.dose_state(case_id)
+    if state == "none":
+        return None
+    if dose is None:
+        return {"max_gy": None, "scale": None, "pending": True}
+    return {"max_gy": dose.max_gy, "scale": dose.scale, "pending": False}
 
 
 def _box_arg(value: Any, shape: Sequence[int], name: str = "box") -> Box | None:
@@ -216,8 +227,7 @@ def case_meta(case_id: int) -> Any:
         "hu_max": prepared.hu_max,
         "prediction": None if prediction is None else {"model_version": prediction.model_version,
                                                        "box": list(prediction.box)},
-        "dose": None if prepared.dose is None else {"max_gy": prepared.dose.max_gy,
-                                                    "scale": prepared.dose.scale},
+        "dose": _dose_meta(cache, case_id),
         "heart_box": list(heart_box) if heart_box else None,
         "first_slice": int(first),
         "next_case_id": next_case_id(case_id),
@@ -288,13 +298,14 @@ def dose_slab(case_id: int, n: int) -> Any:
     prepared = _prepared(case_id)
     if not isinstance(prepared, PreparedCase):
         return prepared
-    if prepared.dose is None:
+    dose = volume_cache().dose(case_id)
+    if dose is None:
         return error_response(404, f"case {case_id} has no dose")
     try:
-        view = prepared.dose_slab(n)
+        data = dose_slab_bytes(prepared, dose, n)
     except IndexError as exc:
         return error_response(404, str(exc))
-    return _binary(view, f"dose-{case_id}-{prepared.dose.etag}-{n}")
+    return _binary(data, f"dose-{case_id}-{dose.etag}-{n}")
 
 
 # -- actions ------------------------------------------------------------------------------------

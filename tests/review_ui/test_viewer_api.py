@@ -92,18 +92,22 @@ def test_prediction_box_and_packbits_round_trip(viewer_env, client_for):
     full[k0:k1, j0:j1, i0:i1] = crop
     assert np.array_equal(full, predicted)
     assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, :, -1].any()  # tight box
-    # Cold start: no prediction.
+    # Cold start: no prediction, no dose.
+    assert c.get(f"/api/cases/{ids['cold']}/dose/0").status_code == 404
     meta = c.get(f"/api/cases/{ids['cold']}").get_json()
     assert meta["prediction"] is None and meta["heart_box"] is None and meta["dose"] is None
     assert c.get(f"/api/cases/{ids['cold']}/prediction").status_code == 404
-    assert c.get(f"/api/cases/{ids['cold']}/dose/0").status_code == 404
 
 
 def test_dose_slabs(viewer_env, client_for):
     app, svc, ids, _ = viewer_env
     c = client_for(app)
     cid = ids["predicted"]
+    c.get(f"/api/cases/{cid}")
+    first = c.get(f"/api/cases/{cid}/dose/0")  # waits for the background preparation
+    assert first.status_code == 200
     meta = c.get(f"/api/cases/{cid}").get_json()
+    assert meta["dose"]["pending"] is False
     gy = svc.cases[cid].dose.array
     assert meta["dose"]["max_gy"] == pytest.approx(float(gy.max()))
     got = np.concatenate([np.frombuffer(c.get(f"/api/cases/{cid}/dose/{n}").data, np.uint8)

@@ -303,7 +303,8 @@
     if (hv && S.loaded[hv.k]) {
       var hu = S.ct[flat(hv)];
       var mm = patientMm(hv);
-      $("vw-st-hu").textContent = hu + " HU";
+      var dose = S.dose && S.meta.dose && S.meta.dose.scale ? S.dose[flat(hv)] * S.meta.dose.scale : null;
+      $("vw-st-hu").textContent = hu + " HU" + (S.show.dose && dose !== null ? " · " + dose.toFixed(1) + " Gy" : "");
       $("vw-st-pos").textContent = "(" + mm.map(function (x) { return x.toFixed(1); }).join(", ") + ") mm";
     } else {
       $("vw-st-hu").textContent = "";
@@ -801,8 +802,12 @@
       }
     }
     try {
-      await Promise.all([worker(), worker(), worker()]);
+      await Promise.all([worker(), worker(), worker()]);  // the server answers once the dose is ready
       S.dose = dose;
+      if (S.meta.dose.pending) {  // the scale (Gy per unit) is known now
+        var m = await HL.api("GET", "/api/cases/" + CASE_ID + "?refresh=1");
+        S.meta.dose = m.dose;
+      }
       markImage();
     } catch (e) {
       HL.toast("Dose: " + e.message, "error");
