@@ -535,7 +535,7 @@
     pollTimer = setInterval(async function () {
       if (Date.now() - started > 180000) { clearInterval(pollTimer); pollTimer = null; return; }
       try {
-        var m = await HL.api("GET", "/api/cases/" + CASE_ID + "?refresh=1");
+        var m = await HL.api("GET", "/api/cases/" + CASE_ID + "?refresh=1", null, { background: true });
         if (m.updated_at !== since) {
           clearInterval(pollTimer);
           pollTimer = null;
