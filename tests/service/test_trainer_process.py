@@ -142,7 +142,7 @@ def test_trainer_switch(make_settings, tmp_path):
 
 
 def test_service_starts_and_stops_its_trainer(make_settings):
-    settings = make_settings(node={"port": free_port()}, series={"min_slices": 5})
+    settings = make_settings(node={"port": free_port()}, series={"min_slices": 5}, http={"port": 0})
     service = Service(settings, trainer=True)
     service.start()
     try:
