@@ -232,6 +232,17 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of `mask` (the heart is one organ: islands elsewhere in
+    the crop are errors a reviewer would otherwise have to erase, and they litter the RTSTRUCT)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
 def plausible_component(probability: np.ndarray, voxel_ml: float) -> tuple[np.ndarray | None, str]:
     """The localiser's heart component and how it was found (empty string: the usual way).
 
@@ -463,7 +474,7 @@ class Predictor:
         assert box is not None
         probability = self.segment(ct, box)
         mask = np.zeros(ct.shape, dtype=bool)
-        mask[_slices(box)] = probability > THRESHOLD
+        mask[_slices(box)] = largest_component(probability > THRESHOLD)
         log.info("model %s predicted %d heart voxels in box %s (%s)", self.version, int(mask.sum()), box, source)
         return Prediction(
             mask=ct.with_array(mask),

@@ -252,3 +252,16 @@ def test_load_from_registry_round_trip(tmp_path, patient) -> None:
     b = loaded.predict(patient.volume, box_mm=box_mm)
     assert np.array_equal(a.mask.array, b.mask.array)
     assert b.model_version == version
+
+
+def test_largest_component_keeps_only_the_biggest_island():
+    from heartloop.contouring.inference import largest_component
+
+    mask = np.zeros((10, 20, 20), dtype=bool)
+    mask[2:8, 2:12, 2:12] = True  # the heart
+    mask[1, 18, 18] = True  # a speck
+    mask[8:10, 15:18, 15:18] = True  # a smaller island
+    kept = largest_component(mask)
+    assert kept.sum() == 6 * 10 * 10
+    assert kept[2:8, 2:12, 2:12].all() and not kept[1, 18, 18] and not kept[8:10, 15:18, 15:18].any()
+    assert not largest_component(np.zeros((3, 3, 3), dtype=bool)).any()
