@@ -54,7 +54,8 @@ def make_settings(tmp_path):
 
     def _make(**sections):
         # One receiving process unless a test asks for more (spawning one costs ~1 s of CPU).
-        data = {"storage": {"root": str(tmp_path / "data")}, "node": {"receive_processes": 1}}
+        # The web UI on a free port (a fixed one would collide between services and test runs).
+        data = {"storage": {"root": str(tmp_path / "data")}, "node": {"receive_processes": 1}, "http": {"port": 0}}
         for k, v in sections.items():
             if isinstance(v, dict):
                 data.setdefault(k, {}).update(v)

@@ -194,7 +194,7 @@ def _package_version() -> str:
 def build_dose_report(
     ct: Dataset,
     *,
-    predicted: ContourDose,
+    predicted: ContourDose | None,
     corrected: ContourDose,
     rtdoses: Sequence[InstanceRef],
     model_version: str,
@@ -211,6 +211,9 @@ def build_dose_report(
     predicted, corrected
         Mean dose, ROI name and RTSTRUCT of each contour. The corrected contour's RTSTRUCT is
         required and must be in the CT's study (it is the structure sent back with the report).
+        `predicted` is None when there was no prediction to compare with (cold start: the heart
+        was drawn by hand, or the model predicted nothing): the report then gives the corrected
+        heart's dose alone, without a difference.
     rtdoses
         The RTDOSE instance(s) the doses were computed from (several when BEAM doses were summed).
     model_version
@@ -247,17 +250,21 @@ def build_dose_report(
     if not rtdoses:
         raise ValueError("no RTDOSE reference: a dose report must name the dose it was computed from")
 
-    difference = _gy(corrected.mean_gy) - _gy(predicted.mean_gy)
     root = hd.sr.ContainerContentItem(name=Codes.REPORT)
     items: list[hd.sr.ContentItem] = [
         hd.sr.CodeContentItem(Codes.FINDING_SITE, Codes.HEART, relationship_type="HAS CONCEPT MOD"),
         hd.sr.TextContentItem(Codes.ALGORITHM_NAME, MANUFACTURER_MODEL_NAME, relationship_type="CONTAINS"),
         hd.sr.TextContentItem(Codes.ALGORITHM_VERSION, model_version, relationship_type="CONTAINS"),
         hd.sr.PnameContentItem(Codes.CORRECTED_BY, str(corrected_by).strip(), relationship_type="CONTAINS"),
-        _contour_container(Codes.PREDICTED_CONTOUR, predicted),
-        _contour_container(Codes.CORRECTED_CONTOUR, corrected),
-        hd.sr.NumContentItem(Codes.MEAN_DOSE_DIFFERENCE, round(difference, 4), Codes.GY, relationship_type="CONTAINS"),
     ]
+    difference: float | None = None
+    if predicted is not None:
+        difference = _gy(corrected.mean_gy) - _gy(predicted.mean_gy)
+        items.append(_contour_container(Codes.PREDICTED_CONTOUR, predicted))
+    items.append(_contour_container(Codes.CORRECTED_CONTOUR, corrected))
+    if difference is not None:
+        items.append(hd.sr.NumContentItem(Codes.MEAN_DOSE_DIFFERENCE, round(difference, 4), Codes.GY,
+                                          relationship_type="CONTAINS"))
     if assessment:
         items.append(hd.sr.TextContentItem(Codes.ASSESSMENT, assessment, relationship_type="CONTAINS"))
     for ref in rtdoses:
@@ -265,12 +272,14 @@ def build_dose_report(
                                                 relationship_type="CONTAINS"))
     root.ContentSequence = hd.sr.ContentSequence(items)
 
-    refs = [corrected.rtstruct] + ([predicted.rtstruct] if predicted.rtstruct is not None else []) + list(rtdoses)
+    refs = ([corrected.rtstruct] + ([predicted.rtstruct] if predicted is not None and predicted.rtstruct is not None
+                                     else []) + list(rtdoses))
     evidence = [_evidence(refs[0], ct)] + [_evidence(r) for r in refs[1:]]
     scheme = CodingSchemeIdentificationItem(
         designator=PRIVATE_SCHEME, name="HeartLoop concepts", responsible_organization="HeartLoop",
     )
-    texts = [str(corrected_by), predicted.roi_name, corrected.roi_name, model_version, assessment or ""]
+    texts = [str(corrected_by), predicted.roi_name if predicted is not None else "", corrected.roi_name, model_version,
+             assessment or ""]
     charset = ct.get("SpecificCharacterSet")
     if not all(t.isascii() for t in texts):
         charset = "ISO_IR 192"  # UTF-8 holds our text and whatever the CT's names were decoded from
@@ -292,10 +301,12 @@ def build_dose_report(
         specific_character_set=charset,
     )
     sr.copy_patient_and_study_information(ct)
-    log.info(
-        "dose report %s: predicted %.2f Gy, corrected %.2f Gy, difference %+.2f Gy (model %s)",
-        sr.SOPInstanceUID, predicted.mean_gy, corrected.mean_gy, difference, model_version,
-    )
+    if predicted is not None and difference is not None:
+        log.info("dose report %s: predicted %.2f Gy, corrected %.2f Gy, difference %+.2f Gy (model %s)",
+                 sr.SOPInstanceUID, predicted.mean_gy, corrected.mean_gy, difference, model_version)
+    else:
+        log.info("dose report %s: corrected %.2f Gy, no prediction to compare (model %s)",
+                 sr.SOPInstanceUID, corrected.mean_gy, model_version)
     return sr
 
 

@@ -289,6 +289,12 @@ def mark_sent_cases(store: Store) -> int:
             continue
         if all(o.state == OutboxState.SENT.value for o in items):
             store.set_case_state(case.id, CaseState.SENT, None)
+            # The audit log records what left the hospital's review, where to and when.
+            store.append_audit("system", "send", f"case:{case.id}", {
+                "correction_id": latest.id,
+                "outputs": [{"destination": o.destination, "sop_instance_uid": o.sop_instance_uid,
+                             "sop_class_uid": o.sop_class_uid, "description": o.description,
+                             "sent_at": o.sent_at} for o in items]})
             log.info("case %d SENT (%d output(s) delivered)", case.id, len(items))
             n += 1
         else:

@@ -14,9 +14,9 @@ A case without RTDOSE
     structure goes out, the physicist fixes the dose export, and `report_correction` can be run
     again (a new RTSTRUCT and SR are then made).
 
-An empty prediction (the model found no heart)
-    The corrected structure is sent and its dose stored (label ``"corrected"``); there is no delta
-    and no SR (``status = "EMPTY_PREDICTION"``). An empty *corrected* mask is refused (`ValueError`)
+An empty prediction (cold start, or the model found no heart)
+    The corrected structure is sent and its dose stored (label ``"corrected"``); there is no delta,
+    and the SR reports the corrected heart's mean dose alone (``status = "EMPTY_PREDICTION"``). An empty *corrected* mask is refused (`ValueError`)
     before anything is queued: an RTSTRUCT without contours is never sent.
 """
 
@@ -193,6 +193,17 @@ def _rtdose_refs(selection: DoseSelection) -> list[InstanceRef]:
     return [InstanceRef.from_dataset(ds) for ds in selection.datasets]
 
 
+def _queue_report(store: Store, case_id: int, destination: str, sr: Dataset, model_version: str) -> dict[str, Any]:
+    """Write the SR atomically and queue it; its UID and outbox id."""
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, sr, enforce_file_format=True)
+    rel = store.files.output_relpath(case_id, str(sr.SOPInstanceUID))
+    store.files.write_bytes(rel, buf.getvalue())
+    item = store.queue_output(destination, sop_instance_uid=str(sr.SOPInstanceUID), sop_class_uid=str(sr.SOPClassUID),
+                              relpath=rel, case_id=case_id, description=f"SR heart dose report (model {model_version})")
+    return {"report_sop_instance_uid": str(sr.SOPInstanceUID), "report_outbox_id": item}
+
+
 def report_correction(
     store: Store,
     settings: Settings,
@@ -264,8 +275,9 @@ def report_correction(
         if np.any(predicted.array):
             pred_stats = _compute(settings, predicted, dose)
         else:
-            status, reason = "EMPTY_PREDICTION", "the predicted heart is empty: it has no dose to compare"
-            log.warning("case %d: empty prediction; corrected dose stored, no delta and no dose report", case_id)
+            status, reason = "EMPTY_PREDICTION", "no predicted heart to compare: the report gives the corrected dose alone"
+            log.info("case %d: no prediction to compare; the dose report gives the corrected heart's dose alone",
+                     case_id)
 
     corrected_roi = settings.rtstruct.corrected_roi_name
     item_id = queue_structure(store, settings, case_id, corrected, model_version=model_version,
@@ -286,6 +298,14 @@ def report_correction(
             description="corrected by a dosimetrist", roi_name=corrected_roi,
             rtstruct_sop_instance_uid=rtstruct_ref.sop_instance_uid)]
         result["corrected"] = corr_stats.to_dict()
+        sr = build_dose_report(
+            _first_ct(store, case_id), predicted=None,
+            corrected=ContourDose(corr_stats.mean_gy, corrected_roi, rtstruct_ref, corr_stats.volume_cc),
+            rtdoses=_rtdose_refs(selection), model_version=model_version, corrected_by=corrected_by,
+            assessment="No prediction to compare with: the heart was contoured by hand (mean heart dose of the "
+                       "contour sent).")
+        result.update(_queue_report(store, case_id, dest.name, sr, model_version))
+        log.info("case %d: dose report (corrected heart only) queued for %s", case_id, dest.name)
         return result
 
     pred_id = _store_stats(store, case_id, pred_stats, selection, label=PREDICTED, model_version=model_version,
@@ -316,17 +336,10 @@ def report_correction(
         corrected_by=corrected_by,
         assessment=assessment,
     )
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, sr, enforce_file_format=True)
-    rel = store.files.output_relpath(case_id, str(sr.SOPInstanceUID))
-    store.files.write_bytes(rel, buf.getvalue())
-    report_item = store.queue_output(dest.name, sop_instance_uid=str(sr.SOPInstanceUID),
-                                     sop_class_uid=str(sr.SOPClassUID), relpath=rel, case_id=case_id,
-                                     description=f"SR heart dose report (model {model_version})")
+    result.update(_queue_report(store, case_id, dest.name, sr, model_version))
     log.info("case %d: dose report queued for %s (Δ mean %+.2f Gy%s)", case_id, dest.name, mean_delta,
              ", flagged" if delta.flagged else "")
     result.update(
-        report_sop_instance_uid=str(sr.SOPInstanceUID), report_outbox_id=report_item,
         predicted=pred_stats.to_dict(), corrected=corr_stats.to_dict(), delta=delta.to_dict(),
         mean_delta_gy=mean_delta, flagged=delta.flagged, reasons=list(delta.reasons),
         dose_result_ids=[pred_id, corr_id], delta_id=delta_id,

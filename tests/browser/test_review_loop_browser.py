@@ -106,9 +106,13 @@ port = {tps.port}
         (roi,) = rs.StructureSetROISequence
         assert roi.ROIName == "Heart" and str(rs.OperatorsName) == REVIEWER[2]
         assert rs.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == patient.volume.frame_of_reference_uid
-        # The dose report compares the predicted with the corrected heart: a cold-start case (no
-        # prediction) sends its structure alone; a predicted one sends both.
-        assert len(reports) == (1 if review.meta["prediction"] is not None else 0), [ds.Modality for ds in received]
+        # And the dose report (SR): predicted vs corrected mean heart dose, or at cold start (no
+        # prediction) the corrected heart's dose alone.
+        (sr,) = reports
+        assert sr.StudyInstanceUID == rs.StudyInstanceUID
+        refs = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+        assert rs.SOPInstanceUID in refs
         log_text = log_path.read_text(errors="replace")
         assert patient.patient_id not in log_text and str(patient.patient_name).split("^")[0] not in log_text
     finally:

@@ -170,3 +170,15 @@ def test_report_refuses_what_it_cannot_state(case):
         _report(case, corrected=ContourDose(3.0, "Heart", other_study))
     with pytest.raises(ValueError, match="finite non-negative"):
         ContourDose(float("nan"), "Heart")
+
+
+def test_report_without_a_prediction_gives_the_corrected_dose_alone(case, tmp_path):
+    """Cold start: the heart was drawn by hand. The TPS still gets its mean dose, with no difference."""
+    path = _written(tmp_path, _report(case, predicted=None))
+    errors, output = _dciodvfy_errors(path)
+    assert errors == [], output
+    back = pydicom.dcmread(path)
+    concepts = [str(i.ConceptNameCodeSequence[0].CodeValue) for i in _walk(back.ContentSequence)]
+    assert Codes.CORRECTED_CONTOUR.value in concepts
+    assert Codes.PREDICTED_CONTOUR.value not in concepts
+    assert Codes.MEAN_DOSE_DIFFERENCE.value not in concepts

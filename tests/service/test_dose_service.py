@@ -122,19 +122,21 @@ def test_correction_report_end_to_end(make_settings, tmp_path):
             assert stats.mean_gy == pytest.approx(expected_true.mean_gy, rel=1e-5)
             assert store.dose_results(case.id, label="model:000003")[0].description == "cohort re-run"
 
-            # An empty prediction: the corrected structure and its dose, no delta, no report.
+            # An empty prediction: the corrected structure, its dose and a report of it alone; no delta.
             n_deltas, n_outputs = len(store.dose_deltas(case.id)), len(store.outputs(case.id))
             nothing = ct.with_array(np.zeros_like(patient.heart_mask))
             empty = report_correction(store, settings, case.id, predicted=nothing, corrected=truth,
                                       model_version="000003", corrected_by="Curie^Marie")
-            assert empty["status"] == "EMPTY_PREDICTION" and "report_sop_instance_uid" not in empty
+            assert empty["status"] == "EMPTY_PREDICTION" and "delta_id" not in empty and "mean_delta_gy" not in empty
+            # The TPS still gets the corrected heart's dose: an SR without a predicted contour.
+            assert empty["report_sop_instance_uid"] and empty["report_outbox_id"]
             assert empty["corrected"]["mean_gy"] == pytest.approx(expected_true.mean_gy, rel=1e-5)
-            assert len(store.dose_deltas(case.id)) == n_deltas and len(store.outputs(case.id)) == n_outputs + 1
+            assert len(store.dose_deltas(case.id)) == n_deltas and len(store.outputs(case.id)) == n_outputs + 2
             # An empty correction is refused before anything is queued.
             with pytest.raises(ValueError, match="empty"):
                 report_correction(store, settings, case.id, predicted=truth, corrected=nothing,
                                   model_version="000003", corrected_by="Curie^Marie")
-            assert len(store.outputs(case.id)) == n_outputs + 1
+            assert len(store.outputs(case.id)) == n_outputs + 2
 
             # A case without RTDOSE: the structure goes out, no dose rows, no report.
             bare = _push_case(service, sorted(no_dose_dir.glob("CT_*.dcm")), no_dose.volume.frame_of_reference_uid,

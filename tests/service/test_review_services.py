@@ -104,6 +104,11 @@ def test_save_finalise_and_sent_after_delivery(env, tmp_path):
     store.mark_output_sent(outputs[1].id)
     assert mark_sent_cases(store) == 1
     assert store.get_case(case_id).state == CaseState.SENT.value
+    (sent,) = store.audit_entries(action="send")
+    assert sent.actor == "system" and sent.target == f"case:{case_id}"
+    assert {o["sop_instance_uid"] for o in json.loads(sent.detail_json)["outputs"]} == \
+        {outputs[0].sop_instance_uid, outputs[1].sop_instance_uid}
+    assert store.verify_audit().ok
     assert [e.to_state for e in store.case_events(case_id)][-2:] == [CaseState.CORRECTED.value, CaseState.SENT.value]
 
 
