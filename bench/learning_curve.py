@@ -24,6 +24,7 @@ import argparse
 import csv
 import dataclasses
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -172,8 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             if effort:
                 data.add(Correction(f"case{n + 1:03d}", ct, prediction, fg, bg))
             started = time.monotonic()
+            steps, reports = 0, []
             while data.train_ids and (left := args.train_seconds - (time.monotonic() - started)) > 0:
-                state, _ = step_trainer(learner, data, state, registry, settings, time_budget_s=left)
+                state, report = step_trainer(learner, data, state, registry, settings, time_budget_s=left)
+                steps += report.epoch.steps
+                reports.append(report)
+            if reports:  # what the trainer did with its time (stderr: the last stdout line stays the summary)
+                last = reports[-1]
+                print(f"  trained: steps={steps} epochs={len(reports)} candidate_val_dice={last.candidate.dice} "
+                      f"current_val_dice={None if last.current is None else last.current.dice} "
+                      f"promoted={[r.promoted_version for r in reports if r.promoted_version]}",
+                      file=sys.stderr, flush=True)
     with open(args.out / "learning_curve.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()

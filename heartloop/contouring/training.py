@@ -17,8 +17,12 @@ trains on the block-averaged whole CT; a coarse voxel is foreground when *any* f
 painted foreground (the localiser's box must contain every bit of heart) and background when any
 is painted background and none foreground.
 
-Losses. Sparse corrections use `loss.masked_loss` (painted voxels only, RootPainter3D); dense
-labels (a clinical RTSTRUCT imported from the TPS) use `loss.dense_loss` with every voxel weighted 1.
+Losses. Sparse corrections use, by ``settings.correction_loss``, the confidence-weighted
+`loss.dense_loss` on the corrected contour (``"dense"``, seed 004 eq. 9/12: painted voxels weigh 1,
+the rest the reviewer accepted ``accepted_voxel_weight``; validation then scores the whole corrected
+contour) or `loss.masked_loss` (``"masked"``: painted voxels only, RootPainter3D, which validates on
+painted voxels too); dense labels (a clinical RTSTRUCT imported from the TPS) use `loss.dense_loss`
+with every voxel weighted 1.
 """
 
 from __future__ import annotations
@@ -508,16 +512,20 @@ def train_epoch(
 def validate(predictor: Predictor, data: TrainingData) -> ValidationMetrics:
     """Pooled Dice of `predictor`'s full two-stage predictions over the validation cases, counted
     on annotated voxels only (all voxels of dense labels), as RootPainter3D pools its counts.
-    ``dice`` is ``None`` when there is no validation data."""
+    With ``correction_loss = "dense"`` the corrected contour counts everywhere (the reviewer
+    accepted the rest, which is what the dense loss trains on): the score is then the Dice of the
+    prediction against what the reviewer signed off. ``dice`` is ``None`` when there is no
+    validation data."""
     fingerprint = data.validation_fingerprint()
     ids = data.validation_ids
     if not ids:
         return ValidationMetrics(dice=None, validation_set=fingerprint)
+    accepted_counts = correction_accepted_weight(data.settings) > 0
     tp = fp = fn = 0
     for case_id in ids:
         correction = data.correction(case_id)
         predicted = predictor.predict(correction.ct).mask.array
-        counted = correction.annotated
+        counted = np.ones(correction.ct.shape, dtype=bool) if accepted_counts else correction.annotated
         label = correction.label
         tp += int(np.count_nonzero(predicted & label & counted))
         fp += int(np.count_nonzero(predicted & ~label & counted))
