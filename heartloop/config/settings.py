@@ -185,6 +185,10 @@ class ContouringConfig:
     batch_size: int = 2
     epochs_without_progress_restart: int = 60
     accepted_voxel_weight: float = 0.25
+    #: How corrections train: "dense" (the whole corrected contour, painted voxels weight 1,
+    #: accepted ones `accepted_voxel_weight`; seed 004 eq. 9/12) or "masked" (painted voxels only,
+    #: as RootPainter3D).
+    correction_loss: str = "dense"
     #: "auto" (bfloat16 where the CPU/GPU has it natively), "fp32" or "bf16".
     precision: str = "auto"
     #: Torch threads of the background trainer; 0 = all cores.
@@ -338,7 +342,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if len(path) == 1 and path[0] in NOT_SETTINGS:
             continue  # e.g. HEARTLOOP_CONFIG names the file; not a setting
         value = _coerce_env(raw)
-        if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label", "corrected_roi_name", "corrected_approval_status", "precision"}):
+        if path[0] in {"storage"} or (len(path) == 2 and path[1] in {"ae_title", "host", "root", "database_url", "roi_name", "device", "name", "structure_set_label", "corrected_roi_name", "corrected_approval_status", "precision", "correction_loss"}):
             value = raw  # strings stay strings even if they look like JSON
         target = data
         for part in path[:-1]:

@@ -105,3 +105,16 @@ def test_cli_reports_config_error_and_exits_2(tmp_path, capsys):
     cfg = _toml(tmp_path, "[node]\nport = 0.5\n")
     assert main(["config", "--config", str(cfg)]) == 2
     assert "node.port" in capsys.readouterr().err
+
+
+def test_contouring_correction_loss_reaches_the_engine(tmp_path):
+    from heartloop.config import ConfigError
+    from heartloop.service.contouring import contouring_settings
+
+    base = {"storage": {"root": str(tmp_path / "d")}}
+    settings = load_settings(environ={"HEARTLOOP_CONTOURING__CORRECTION_LOSS": "masked"}, overrides=base)
+    assert contouring_settings(settings).correction_loss == "masked"
+    assert contouring_settings(load_settings(environ={}, overrides=base)).correction_loss == "dense"
+    bad = load_settings(environ={}, overrides={**base, "contouring": {"correction_loss": "sparse"}})
+    with pytest.raises(ConfigError, match="correction_loss"):
+        contouring_settings(bad)
