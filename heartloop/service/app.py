@@ -192,6 +192,8 @@ class Service:
         if self.settings.http.enabled:  # first: a busy web port stops the start before anything runs
             self._start_web()
         self.scp.start()
+        node = self.settings.node
+        self._say(f"DICOM node: {node.ae_title}@{node.host}:{self.scp.port}")  # the bound port (port 0: a free one)
         for _ in range(self.settings.node.receive_processes - 1):
             proc = multiprocessing.get_context("spawn").Process(target=_receiver_main, args=(self.settings, os.getpid()),
                                                                 daemon=True, name="heartloop-receiver")

@@ -50,8 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.demo:
         threading.Thread(target=_demo_push, args=(service, args.demo, args.demo_seed), daemon=True,
                          name="demo").start()
-    print(f"HeartLoop {__version__}: DICOM node {settings.node.ae_title}@{settings.node.host}:{settings.node.port}, "
-          f"data in {settings.storage_root} — Ctrl-C to stop", flush=True)
+    print(f"HeartLoop {__version__}: data in {settings.storage_root} — Ctrl-C to stop", flush=True)
     service.run_forever()
     return 0
 

@@ -52,6 +52,7 @@ def test_serve_demo_push_cases_and_clean_shutdown(tmp_path):
         url = re.search(r"review UI: (http://127\.0\.0\.1:\d+/)", text).group(1)
         password = re.search(r"created user 'admin' \(role admin\), password: (\S+)", text).group(1)
         assert "heartloop user passwd admin" in text
+        assert f"DICOM node: HEARTLOOP@127.0.0.1:{port}" in text  # the port it really listens on
         with urllib.request.urlopen(url + "login", timeout=10) as rsp:
             assert rsp.status == 200 and "password" in rsp.read().decode().lower()
         assert len(password) >= 12
