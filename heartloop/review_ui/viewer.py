@@ -238,32 +238,30 @@ def case_meta(case_id: int) -> Any:
     return jsonify(body)
 
 
-@bp.get("/api/cases/<int:case_id>/ct/<int:n>")
-@login_required()
-def ct_slab(case_id: int, n: int) -> Any:
-    """Slab `n`: slices ``[n*S, min((n+1)*S, K))`` as int16 little-endian HU, k-major."""
+def _ct_bytes(case_id: int, part: str, n: int) -> Any:
+    """CT bytes of a prepared case: ``part`` is ``"slab"`` or ``"slice"`` number `n`."""
     prepared = _prepared(case_id)
     if not isinstance(prepared, PreparedCase):
         return prepared
     try:
-        view = prepared.ct_slab(n)
+        view = prepared.ct_slab(n) if part == "slab" else prepared.ct_slice(n)
     except IndexError as exc:
         return error_response(404, str(exc))
-    return _binary(view, f"ct-{case_id}-{prepared.etag}-{n}")
+    return _binary(view, f"ct{part}-{case_id}-{prepared.etag}-{n}")
+
+
+@bp.get("/api/cases/<int:case_id>/ct/<int:n>")
+@login_required()
+def ct_slab(case_id: int, n: int) -> Any:
+    """Slab `n`: slices ``[n*S, min((n+1)*S, K))`` as int16 little-endian HU, k-major."""
+    return _ct_bytes(case_id, "slab", n)
 
 
 @bp.get("/api/cases/<int:case_id>/ct/slice/<int:k>")
 @login_required()
 def ct_slice(case_id: int, k: int) -> Any:
     """One slice as int16 little-endian HU (the first image, before the slabs arrive)."""
-    prepared = _prepared(case_id)
-    if not isinstance(prepared, PreparedCase):
-        return prepared
-    try:
-        view = prepared.ct_slice(k)
-    except IndexError as exc:
-        return error_response(404, str(exc))
-    return _binary(view, f"cts-{case_id}-{prepared.etag}-{k}")
+    return _ct_bytes(case_id, "slice", k)
 
 
 @bp.get("/api/cases/<int:case_id>/prediction")
