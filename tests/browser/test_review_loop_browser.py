@@ -24,7 +24,7 @@ from heartloop.store import Store
 from tests.browser.reviewer import login, mask_indices, open_next_from_worklist, review_current_case
 from tests.helpers.dcmtk import StoreSCP, storescu
 from tests.helpers.procs import free_port, stop_pid, wait_for, wait_port
-from tests.helpers.service import ApiClient, write_config
+from tests.helpers.service import ApiClient, tps_destination, write_config
 
 ADMIN_PASSWORD = "first-run admin secret"
 REVIEWER = ("lovelace", "analytical-engine-1843", "Lovelace^Ada")
@@ -45,13 +45,7 @@ def test_tps_push_browser_correction_reaches_the_tps(chrome, tmp_path, screensho
     patient = make_patient(21, rows=128, n_slices=40)
     tps = StoreSCP(tmp_path / "tps").start()
     dicom_port, http_port = free_port(), free_port()
-    destinations = f"""
-[[destinations]]
-name = "tps"
-ae_title = "TPS"
-host = "127.0.0.1"
-port = {tps.port}
-"""
+    destinations = tps_destination(tps.port)
     root = tmp_path / "data"
     config = write_config(tmp_path / "heartloop.toml", root=root, port=dicom_port, stable_age_s=0.5,
                           destinations=destinations, http_port=http_port, receive_processes=1,

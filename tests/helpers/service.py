@@ -31,6 +31,17 @@ def running_service(settings: Settings) -> Iterator[Service]:
         service.stop()
 
 
+def tps_destination(port: int, name: str = "tps", ae_title: str = "TPS") -> str:
+    """The ``[[destinations]]`` TOML of a TPS (a dcmtk storescp) on loopback `port`."""
+    return f"""
+[[destinations]]
+name = "{name}"
+ae_title = "{ae_title}"
+host = "127.0.0.1"
+port = {port}
+"""
+
+
 def write_config(path: Path, *, root: Path, port: int, stable_age_s: float = 1.0, callers: str = "",
                  destinations: str = "", extra: str = "", http_port: int = 0, receive_processes: int = 2) -> Path:
     """A TOML config for `heartloop serve` on loopback (the review UI on `http_port`, 0: a free one)."""

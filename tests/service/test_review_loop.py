@@ -25,7 +25,7 @@ import pytest
 from heartloop.phantom import make_patient, write_patient
 from tests.helpers.dcmtk import StoreSCP, storescu
 from tests.helpers.procs import free_port, stop_pid, wait_for, wait_port
-from tests.helpers.service import ApiClient, write_config
+from tests.helpers.service import ApiClient, tps_destination, write_config
 
 N_PATIENTS = 4
 ADMIN_PASSWORD = "first-run admin secret"
@@ -95,13 +95,7 @@ def test_push_review_correct_learn_send(tmp_path):
     assert len(by_id) == N_PATIENTS
     tps = StoreSCP(tmp_path / "tps").start()
     dicom_port, http_port = free_port(), free_port()
-    destinations = f"""
-[[destinations]]
-name = "tps"
-ae_title = "TPS"
-host = "127.0.0.1"
-port = {tps.port}
-"""
+    destinations = tps_destination(tps.port)
     config = write_config(tmp_path / "heartloop.toml", root=tmp_path / "data", port=dicom_port, stable_age_s=1.0,
                           destinations=destinations, http_port=http_port, receive_processes=1,
                           extra=TINY_CONTOURING + '\n[rtstruct]\ncorrected_approval_status = "APPROVED"\n')
