@@ -5,6 +5,7 @@ Every method is a short transaction; objects returned are detached snapshots.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -88,9 +89,14 @@ class Store(ReviewRecords):
             .values(instance_count=series.c.instance_count + 1, last_received_at=bindparam("now"))
         )
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        self._write_lock = threading.Lock()
+        self._write_lock: Any = threading.Lock()
         self._raw_sqlite: sqlite3.Connection | None = None
         if self.engine.dialect.name == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            # Receiving processes share one SQLite file. SQLite makes a writer that finds it locked
+            # sleep in its busy handler (whole milliseconds, growing); a kernel lock wakes the next
+            # writer the instant the last one commits. Threads of this process queue on the thread
+            # lock first (an flock belongs to the open file, not to a thread).
+            self._write_lock = _ProcessWriteLock(self.engine.url.database + ".writelock")
             self._raw_sqlite = sqlite3.connect(self.engine.url.database, timeout=30, isolation_level=None,
                                                check_same_thread=False)  # used under _write_lock only
             for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=30000"):
@@ -108,6 +114,8 @@ class Store(ReviewRecords):
         return self._sessions()
 
     def dispose(self) -> None:
+        if isinstance(self._write_lock, _ProcessWriteLock):
+            self._write_lock.close()
         if self._raw_sqlite is not None:
             self._raw_sqlite.close()
             self._raw_sqlite = None
@@ -702,6 +710,43 @@ class DoseRows(NamedTuple):
 
     results: list[DoseResult]
     deltas: list[DoseDelta]
+
+
+class _ProcessWriteLock:
+    """A thread lock plus an exclusive ``flock`` on a file next to the database: one writer at a
+    time across every process of this service, handed over without sleeping."""
+
+    def __init__(self, path: str) -> None:
+        self._thread_lock = threading.Lock()
+        self._path = path
+        self._fd: int | None = None
+        self._pid = -1
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own description
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o640)
+            self._pid = os.getpid()
+        return self._fd
+
+    def __enter__(self) -> "_ProcessWriteLock":
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._file(), fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            fcntl.flock(self._file(), fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
 
 
 def _positional_sql(statement: Any, engine: Engine) -> tuple[str, list[str], dict[str, Any]]:
