@@ -70,7 +70,7 @@ def _demo_push(service, n: int, seed: int) -> None:  # type: ignore[no-untyped-d
         pdir = write_patient(make_patient(seed + k), out)
         files = list(iter_dicom_files(pdir))
         t0 = time.monotonic()
-        res = send_files(me, files, calling_ae="DEMO_TPS")
+        res = send_files(me, files, calling_ae="DEMO_TPS", timeout_s=s.node.dimse_timeout_s)
         ok = sum(r.ok for r in res)
         print(f"demo: pushed synthetic patient {k + 1}/{n}: {ok}/{len(files)} instances accepted "
               f"in {time.monotonic() - t0:.1f} s", flush=True)
@@ -159,7 +159,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     failed: list[str] = []
 
     def one(chunk: list[Path]) -> int:
-        res = send_files(dest, chunk, calling_ae=args.calling_ae)
+        res = send_files(dest, chunk, calling_ae=args.calling_ae, timeout_s=args.timeout)
         for r in res:
             if not r.ok:
                 failed.append(f"{r.path}: {r.error}")
@@ -535,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", required=True, metavar="AE@HOST:PORT")
     sp.add_argument("--calling-ae", default="HEARTLOOP_SCU")
     sp.add_argument("--associations", type=int, default=1, help="parallel associations")
+    sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                    help="how long to wait for each C-STORE response (default 60; a busy node fsyncs every slice)")
     sp.set_defaults(func=cmd_push)
 
     sp = sub.add_parser("echo", help="C-ECHO a DICOM node (is the TPS reachable?)")
