@@ -201,10 +201,14 @@ def case_meta(case_id: int) -> Any:
     case = _case_or_404(case_id)
     if case is None:
         return error_response(404, f"no case {case_id}")
+    cache = volume_cache()
+    cached = cache.peek(case_id)
+    if cached is not None and case.n_slices and cached.shape[0] != case.n_slices:
+        # Slices arrived after the case was prepared (it was assembled again): read it afresh.
+        cache.invalidate(case_id)
     prepared = _prepared(case_id)
     if not isinstance(prepared, PreparedCase):
         return prepared
-    cache = volume_cache()
     try:
         prediction = cache.prediction(case_id, case.updated_at)
     except (KeyError, ValueError) as exc:

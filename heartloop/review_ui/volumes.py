@@ -178,7 +178,6 @@ class _Slot:
         self.prediction_lock = threading.Lock()
         self.dose_ready = threading.Event()
         self.dose: PreparedDose | None = None
-        self.dose_error: BaseException | None = None
 
 
 class VolumeCache:
@@ -302,7 +301,6 @@ class VolumeCache:
                 if found is not None and slot.case is not None:
                     slot.dose = prepare_dose(found, slot.case.shape)
             except Exception as exc:  # noqa: BLE001 — the overlay is optional; the reason is logged
-                slot.dose_error = exc
                 log.warning("case %d: dose overlay unavailable (%s)", case_id, type(exc).__name__)
             finally:
                 slot.dose_ready.set()

@@ -278,3 +278,27 @@ def test_prefetch_warms_the_next_case_and_lru_evicts(sqlite_store, ui_app_factor
         cache.max_cases = 1
         cache._evict()
         assert cache.peek(a) is None and cache.peek(b) is not None
+
+
+def test_a_case_reassembled_with_more_slices_is_read_afresh(sqlite_store, ui_app_factory, client_for, patient):
+    """Slices that arrive after a case was opened (the case is assembled again) are not hidden by
+    the viewer's cache: the next open reads the new CT."""
+    from heartloop.store.models import Case
+
+    svc = PhantomServices(sqlite_store)
+    short = patient.volume
+    cid = svc.add(Volume(short.array[:30], short.origin, short.row_direction, short.column_direction,
+                         short.pixel_spacing, short.slice_offsets[:30], short.frame_of_reference_uid))
+    with sqlite_store.session() as s, s.begin():  # the case's row says 30 slices, like its CT
+        s.get(Case, cid).n_slices = 30
+    app = ui_app_factory(svc.ui_services())
+    c = client_for(app)
+    assert c.get(f"/api/cases/{cid}").get_json()["shape"][0] == 30
+    svc.cases[cid].volume = short  # the rest of the series arrived: 40 slices now
+    with sqlite_store.session() as s, s.begin():
+        s.get(Case, cid).n_slices = short.shape[0]
+    meta = c.get(f"/api/cases/{cid}").get_json()
+    assert meta["shape"][0] == short.shape[0]
+    assert svc.volume_loads == [cid, cid]
+    last = meta["n_slabs"] - 1
+    assert c.get(f"/api/cases/{cid}/ct/{last}").data == short.array[last * SLAB:].astype("<i2").tobytes()
