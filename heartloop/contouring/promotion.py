@@ -101,20 +101,28 @@ class ProgressState:
     epochs_without_progress: int = 0
     epochs: int = 0
     restarts: int = 0
+    #: Epochs in a row whose candidate was not promoted (new data does not reset it).
+    epochs_since_promotion: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.epochs_without_progress, self.epochs, self.restarts) < 0:
+        if min(self.epochs_without_progress, self.epochs, self.restarts, self.epochs_since_promotion) < 0:
             raise ValueError("progress counters must be non-negative")
 
     def after_epoch(self, improved: bool, new_data: bool) -> "ProgressState":
         """State after one epoch: the counter resets on a new best (`improved`, i.e. the epoch's
         model was promoted) or on new training/validation data, and grows by one otherwise."""
         without = 0 if (improved or new_data) else self.epochs_without_progress + 1
-        return replace(self, epochs_without_progress=without, epochs=self.epochs + 1)
+        since = 0 if improved else self.epochs_since_promotion + 1
+        return replace(self, epochs_without_progress=without, epochs=self.epochs + 1, epochs_since_promotion=since)
 
     def after_restart(self) -> "ProgressState":
         """State once training restarted from fresh weights (the best model stays promoted)."""
         return replace(self, epochs_without_progress=0, restarts=self.restarts + 1)
+
+
+def should_resume_best(state: ProgressState, limit: int) -> bool:
+    """True after `limit` epochs in a row without a promotion (0: never): continue from the best model."""
+    return limit > 0 and state.epochs_since_promotion >= limit
 
 
 def should_restart(state: ProgressState, limit: int) -> bool:

@@ -63,6 +63,11 @@ class ContouringSettings:
     epochs_without_progress_restart
         Epochs without a new best validation Dice after which training restarts from fresh
         weights, keeping the best model (RootPainter3D: 60).
+    resume_best_after
+        Epochs in a row whose candidate was not promoted after which training continues from the
+        current (best) model's weights with a fresh optimiser, instead of drifting further from
+        it; 0 turns it off. New corrections arrive every few epochs, so RootPainter3D's
+        without-progress counter rarely reaches its limit; this one counts only promotions.
     accepted_voxel_weight
         Loss weight of voxels the reviewer did not paint but implicitly accepted, in the dense
         (confidence-weighted) loss; painted voxels weigh 1. Seed 004 eq. 12 with
@@ -104,6 +109,7 @@ class ContouringSettings:
     learning_rate: float = 1e-3
     batch_size: int = 2
     epochs_without_progress_restart: int = 60
+    resume_best_after: int = 0
     accepted_voxel_weight: float = 0.25
     correction_loss: str = "dense"
     replay_aux_buffer_size: int = 20
@@ -139,6 +145,8 @@ class ContouringSettings:
             raise ValueError(f"learning_rate = {self.learning_rate} must be between 0 and 1")
         if self.batch_size < 1:
             raise ValueError(f"batch_size = {self.batch_size} must be at least 1")
+        if self.resume_best_after < 0:
+            raise ValueError("resume_best_after must be >= 0 (0: off)")
         if self.epochs_without_progress_restart < 1:
             raise ValueError("epochs_without_progress_restart must be at least 1 (RootPainter3D uses 60)")
         if not (0 <= self.accepted_voxel_weight <= 1):

@@ -57,6 +57,7 @@ from heartloop.contouring.promotion import (
     dice_from_counts,
     should_promote,
     should_restart,
+    should_resume_best,
 )
 from heartloop.contouring.registry import ModelMeta, ModelRegistry
 from heartloop.contouring.resample import AxisGrid, block_any, block_average, block_factors, resample_separable
@@ -726,6 +727,15 @@ def step_trainer(
         learner.optimisers.update(fresh.optimisers)
         progress = progress.after_restart()
         lineage = None
+    elif current_version is not None and should_resume_best(progress, settings.resume_best_after):
+        log.info("%d epochs without a promotion: continuing from model %s's weights",
+                 progress.epochs_since_promotion, current_version)
+        weights = registry.load(current_version).weights
+        for stage, network in learner.networks.items():
+            network.load_state_dict(weights[stage])
+            learner.optimisers[stage] = make_optimiser(network, settings)
+        progress = dataclasses.replace(progress, epochs_since_promotion=0)
+        lineage = current_version
     new_state = state.capture(learner, data, progress=progress, best_val_dice=best, current_version=current_version,
                               current_metrics=current, lineage_parent=lineage)
     return new_state, StepReport(epoch=epoch, candidate=candidate, current=compared_with, promoted_version=promoted,

@@ -261,3 +261,40 @@ def test_localiser_background_never_covers_accepted_heart(corrections) -> None:
     bg[10:12, 40:44, 44:46] = True  # a false-positive rim painted away, in the same coarse voxels
     arrays = localiser_arrays(Correction("x", correction.ct, prediction | bg, np.zeros_like(bg), bg), SETTINGS)
     assert arrays.prediction.any() and not (arrays.background & arrays.prediction).any()
+
+
+def test_training_continues_from_the_best_model_after_epochs_without_a_promotion(tmp_path, corrections) -> None:
+    """New corrections reset RootPainter3D's without-progress counter, so a learner that keeps
+    losing to the promoted model would drift for ever; `resume_best_after` brings it back."""
+    settings = dataclasses.replace(SETTINGS, resume_best_after=2)
+    data = _data(corrections, n=2)
+    learner = Learner.fresh(settings, seed=2)
+    registry = ModelRegistry(tmp_path / "models")
+    state, first = step_trainer(learner, data, TrainerState(), registry, settings, time_budget_s=1.0)
+    assert first.promoted_version is not None and state.progress.epochs_since_promotion == 0
+    best = registry.load(first.promoted_version).weights
+    for network in learner.networks.values():  # the learner drifts away from the best model
+        with torch.no_grad():
+            for p in network.parameters():
+                p.add_(0.5)
+    data.add(corrections[2])  # new data: RootPainter3D's counter resets, ours does not
+    state, second = step_trainer(learner, data, state, registry, settings, time_budget_s=0.0)
+    assert second.promoted_version is None and state.progress.epochs_without_progress == 0
+    assert state.progress.epochs_since_promotion == 1
+    assert any(not torch.equal(v.cpu(), best["organ"][k].cpu())
+               for k, v in learner.networks["organ"].state_dict().items())  # still drifted
+    state, third = step_trainer(learner, data, state, registry, settings, time_budget_s=0.0)
+    assert third.promoted_version is None and not third.restarted
+    for stage, network in learner.networks.items():  # back on the best model's weights
+        for key, value in network.state_dict().items():
+            assert torch.equal(value.cpu(), best[stage][key].cpu()), (stage, key)
+    assert state.progress.epochs_since_promotion == 0 and state.lineage_parent == first.promoted_version
+    assert registry.current().version == first.promoted_version
+
+
+def test_resume_best_is_off_by_default_and_validated() -> None:
+    from heartloop.contouring.settings import ContouringSettings
+
+    assert ContouringSettings().resume_best_after == 0
+    with pytest.raises(ValueError, match="resume_best_after"):
+        dataclasses.replace(SETTINGS, resume_best_after=-1)
