@@ -185,7 +185,7 @@ class ContouringConfig:
     batch_size: int = 2
     epochs_without_progress_restart: int = 60
     #: Epochs in a row without a promotion after which training continues from the best model (0: off).
-    resume_best_after: int = 0
+    resume_best_after: int = 4
     accepted_voxel_weight: float = 0.25
     #: How corrections train: "dense" (the whole corrected contour, painted voxels weight 1,
     #: accepted ones `accepted_voxel_weight`; seed 004 eq. 9/12) or "masked" (painted voxels only,

@@ -68,6 +68,8 @@ class ContouringSettings:
         current (best) model's weights with a fresh optimiser, instead of drifting further from
         it; 0 turns it off. New corrections arrive every few epochs, so RootPainter3D's
         without-progress counter rarely reaches its limit; this one counts only promotions.
+        Default 4: `bench.learning_curve --cases 30 --train-seconds 60` median Dice over cases
+        16–30 0.937 → 0.964 (off → 4), dose difference 0.124 → 0.088 Gy.
     accepted_voxel_weight
         Loss weight of voxels the reviewer did not paint but implicitly accepted, in the dense
         (confidence-weighted) loss; painted voxels weigh 1. Seed 004 eq. 12 with
@@ -109,7 +111,7 @@ class ContouringSettings:
     learning_rate: float = 1e-3
     batch_size: int = 2
     epochs_without_progress_restart: int = 60
-    resume_best_after: int = 0
+    resume_best_after: int = 4
     accepted_voxel_weight: float = 0.25
     correction_loss: str = "dense"
     replay_aux_buffer_size: int = 20

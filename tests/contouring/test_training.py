@@ -292,9 +292,12 @@ def test_training_continues_from_the_best_model_after_epochs_without_a_promotion
     assert registry.current().version == first.promoted_version
 
 
-def test_resume_best_is_off_by_default_and_validated() -> None:
+def test_resume_best_default_and_validation() -> None:
+    from heartloop.config import load_settings
     from heartloop.contouring.settings import ContouringSettings
+    from heartloop.service.contouring import contouring_settings
 
-    assert ContouringSettings().resume_best_after == 0
+    assert ContouringSettings().resume_best_after == 4  # the [contouring] default maps onto it
+    assert contouring_settings(load_settings(environ={}, overrides={})).resume_best_after == 4
     with pytest.raises(ValueError, match="resume_best_after"):
         dataclasses.replace(SETTINGS, resume_best_after=-1)
