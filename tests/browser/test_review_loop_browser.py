@@ -65,9 +65,7 @@ def test_tps_push_browser_correction_reaches_the_tps(chrome, tmp_path, screensho
 
         admin = ApiClient(base)
         admin.login("admin", ADMIN_PASSWORD)
-        status, body = admin.call("POST", "/api/users", {"username": REVIEWER[0], "password": REVIEWER[1],
-                                                         "role": "reviewer", "display_name": REVIEWER[2]})
-        assert status in (200, 201), body
+        admin.add_user(REVIEWER[0], REVIEWER[1], "reviewer", REVIEWER[2])
         wait_for(lambda: admin.get("/api/cases")["next_case_id"] is not None, 60, 0.3, what="a case to review")
         case_id = admin.get("/api/cases")["next_case_id"]
 

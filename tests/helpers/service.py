@@ -139,6 +139,13 @@ class ApiClient:
             raise AssertionError(f"GET {path} answered {status}: {data!r}")
         return data
 
+    def add_user(self, username: str, password: str, role: str = "reviewer", display_name: str = "") -> None:
+        """As an admin: create a user (``POST /api/users``)."""
+        status, body = self.call("POST", "/api/users", {"username": username, "password": password, "role": role,
+                                                        "display_name": display_name})
+        if status not in (200, 201):
+            raise AssertionError(f"adding user {username} answered {status}: {body!r}")
+
     def login(self, username: str, password: str) -> dict[str, Any]:
         status, data = self.call("POST", "/api/session", {"username": username, "password": password})
         if status != 200:

@@ -122,9 +122,7 @@ def test_push_review_correct_learn_send(tmp_path):
         # The administrator (first run, password from the environment) adds a reviewer.
         admin = ApiClient(base)
         admin.login("admin", ADMIN_PASSWORD)
-        status, body = admin.call("POST", "/api/users", {"username": REVIEWER[0], "password": REVIEWER[1],
-                                                         "role": "reviewer", "display_name": REVIEWER[2]})
-        assert status in (200, 201), body
+        admin.add_user(REVIEWER[0], REVIEWER[1], "reviewer", REVIEWER[2])
         reviewer = ApiClient(base)
         reviewer.login(REVIEWER[0], REVIEWER[1])
 
