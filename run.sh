@@ -29,7 +29,8 @@ ensure_venv() {
 
 ensure_system_packages() {
     local missing=()
-    command -v storescu >/dev/null || missing+=(dcmtk)
+    # dcmtk's own tools: pynetdicom puts scripts of the same names into an activated .venv.
+    /usr/bin/storescu --version 2>/dev/null | grep -qi dcmtk || missing+=(dcmtk)
     command -v dciodvfy >/dev/null || missing+=(dicom3tools)
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     # The browser tests drive Debian's Chromium through its chromedriver.

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+from tests.helpers.dcmtk import DCMTK_ENV, require
 
 
 def _free_port() -> int:
@@ -56,7 +56,7 @@ def _push(files: list[Path], port: int, called: str, associations: int) -> float
     """Wall time for `associations` parallel storescu runs to deliver every file."""
     chunks = [files[i::associations] for i in range(associations)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aec", called, "-aet", "BENCH_TPS", "127.0.0.1", str(port),
+    procs = [subprocess.Popen([require("storescu"), "-aec", called, "-aet", "BENCH_TPS", "127.0.0.1", str(port),
                                *map(str, chunk)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE) for chunk in chunks]
     for p in procs:
@@ -69,12 +69,18 @@ def _push(files: list[Path], port: int, called: str, associations: int) -> float
 def run_dcmtk(files: list[Path], associations: int, work: Path) -> float:
     out = Path(tempfile.mkdtemp(dir=work))
     port = _free_port()
-    cmd = ["storescp", "--max-pdu", "131072", "-od", str(out)]
+    cmd = [require("storescp"), "--max-pdu", "131072", "-od", str(out)]
     if associations > 1:
         cmd.append("--fork")
-    proc = subprocess.Popen(cmd + [str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(work / f"storescp-{port}.log", "wb")
+    proc = subprocess.Popen(cmd + [str(port)], env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_port(port)
+        try:
+            _wait_port(port)
+        except TimeoutError:
+            log.flush()
+            raise TimeoutError(f"storescp never opened port {port} (exit {proc.poll()}): "
+                               f"{(work / f'storescp-{port}.log').read_text(errors='replace')[-500:]}") from None
         dt = _push(files, port, "ANY-SCP", associations)
         received = sum(1 for p in out.iterdir() if p.is_file())
         if received != len(files):
@@ -82,6 +88,7 @@ def run_dcmtk(files: list[Path], associations: int, work: Path) -> float:
         return len(files) / dt
     finally:
         _stop(proc)
+        log.close()
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -133,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine", default="lean", choices=["lean", "pynetdicom"])
     args = ap.parse_args(argv)
     for tool in ("storescu", "storescp"):
-        if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found: apt-get install dcmtk")
+        try:
+            require(tool)
+        except FileNotFoundError as exc:
+            sys.exit(str(exc))
 
     from heartloop.config import load_settings
     from heartloop.phantom import make_patient, write_patient

@@ -16,11 +16,33 @@ from tests.helpers.procs import free_port, stop_pid, wait_port
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 
 
+_found: dict[str, str] = {}
+
+
+def _is_dcmtk(path: str) -> bool:
+    try:
+        r = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "dcmtk" in (r.stdout + r.stderr).lower()
+
+
 def require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise FileNotFoundError(f"{tool} not installed (apt-get install dcmtk dicom3tools)")
-    return path
+    """The path of dcmtk's `tool` on PATH.
+
+    Not simply the first `tool` on PATH: pynetdicom installs console scripts of the same names
+    (storescu, storescp, echoscu) into the virtualenv's bin, which comes first once it is
+    activated — the peer must be dcmtk's, not our own library's.
+    """
+    if tool in _found:
+        return _found[tool]
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = shutil.which(tool, path=directory or ".")
+        if path is not None and _is_dcmtk(path):
+            _found[tool] = path
+            return path
+    raise FileNotFoundError(f"dcmtk's {tool} not found on PATH (apt-get install dcmtk); "
+                            f"a {tool} of another package does not count")
 
 
 @dataclass
