@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from heartloop.core.errors import DatasetRejected
@@ -87,24 +88,31 @@ def _floats(raw: bytes, n: int) -> tuple[float, ...]:
     return numbers
 
 
-def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int, *, head: bytes | None = None,
-                   size: int | None = None) -> InstanceHeader | None:
-    """The header of a CT slice file written by our receiver, or ``None`` (use `read_header`).
+@dataclass(frozen=True)
+class ParsedHead:
+    """What the fast reader found in a slice's first bytes, before the whole file is there.
 
-    `head` (the file's first ``dataset_offset + HEAD_BYTES`` bytes, or all of a shorter file) and
-    `size` (the file's length), when the receiver kept them, spare reading the file back.
-    Raises `DatasetRejected` only for what it can tell for sure: pixel data cut short.
+    `header` is None when the attributes are there but unusual (the full reader decides);
+    Pixel Data's value starts at `pixel_start` and declares `pixel_length` bytes, checked against
+    the file's size once it is known.
+    """
+
+    header: InstanceHeader | None
+    pixel_start: int
+    pixel_length: int
+
+
+def parse_head(buf: bytes, transfer_syntax: str, dataset_offset: int) -> ParsedHead | None:
+    """Walk the elements of `buf` (a file's first ``dataset_offset + HEAD_BYTES`` bytes, or all of
+    a shorter file) up to Pixel Data. ``None``: not a case for the fast path (use `read_header`).
+
+    Needs no file size, so the receiver runs it as soon as the first bytes are in — while the
+    rest of the slice is still on the wire.
     """
     if transfer_syntax not in (EXPLICIT_VR_LE, IMPLICIT_VR_LE):
         return None
     explicit = transfer_syntax == EXPLICIT_VR_LE
-    if head is not None and size is not None:
-        buf = head[:dataset_offset + _HEAD]
-    else:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, 2)
-            fh.seek(0)
-            buf = fh.read(dataset_offset + _HEAD)
+    buf = buf[:dataset_offset + _HEAD]
     values: dict[str, bytes] = {}
     pos = dataset_offset
     try:
@@ -113,12 +121,7 @@ def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int, *, hea
             if tag == _PIXEL_DATA:
                 if length == 0xFFFFFFFF:
                     return None  # encapsulated: the full reader walks its fragments
-                if start + length > size:
-                    raise DatasetRejected(
-                        CANNOT_UNDERSTAND,
-                        f"the received dataset is truncated: Pixel Data declares {length} bytes but only "
-                        f"{size - start} are present; send the instance again",
-                    )
+                pixel_start, pixel_length = start, length
                 break
             if tag > _PIXEL_DATA:
                 return None
@@ -131,6 +134,13 @@ def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int, *, hea
             if name is not None:
                 values[name] = buf[start:start + length]
             pos = start + length
+    except (_Fallback, struct.error):
+        return None
+    return ParsedHead(_header_from_values(values), pixel_start, pixel_length)
+
+
+def _header_from_values(values: dict[str, bytes]) -> InstanceHeader | None:
+    try:
         rows_raw, cols_raw = values["rows"], values["columns"]
         if len(rows_raw) != 2 or len(cols_raw) != 2:
             return None
@@ -156,9 +166,41 @@ def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int, *, hea
             columns=struct.unpack("<H", cols_raw)[0],
             instance_number=int(number) if number else None,
         )
-    except (_Fallback, KeyError, ValueError, struct.error):
-        return None
-    except DatasetRejected as exc:
-        if exc.status == CANNOT_UNDERSTAND and "truncated" in exc.reason:
-            raise
+    except (_Fallback, KeyError, ValueError, struct.error, DatasetRejected):
         return None  # an invalid UID etc.: let the full reader word the refusal
+
+
+def header_from_parsed(parsed: ParsedHead | None, size: int) -> InstanceHeader | None:
+    """The header once the file is complete (`size` bytes), or ``None`` (use `read_header`).
+
+    Raises `DatasetRejected` only for what it can tell for sure: pixel data cut short.
+    """
+    if parsed is None:
+        return None
+    if parsed.pixel_start + parsed.pixel_length > size:
+        raise DatasetRejected(
+            CANNOT_UNDERSTAND,
+            f"the received dataset is truncated: Pixel Data declares {parsed.pixel_length} bytes but only "
+            f"{size - parsed.pixel_start} are present; send the instance again",
+        )
+    return parsed.header
+
+
+def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int, *, head: bytes | None = None,
+                   size: int | None = None) -> InstanceHeader | None:
+    """The header of a CT slice file written by our receiver, or ``None`` (use `read_header`).
+
+    `head` (the file's first ``dataset_offset + HEAD_BYTES`` bytes, or all of a shorter file) and
+    `size` (the file's length), when the receiver kept them, spare reading the file back.
+    Raises `DatasetRejected` only for what it can tell for sure: pixel data cut short.
+    """
+    if transfer_syntax not in (EXPLICIT_VR_LE, IMPLICIT_VR_LE):
+        return None
+    if head is not None and size is not None:
+        buf = head
+    else:
+        with open(path, "rb") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(0)
+            buf = fh.read(dataset_offset + _HEAD)
+    return header_from_parsed(parse_head(buf, transfer_syntax, dataset_offset), size)

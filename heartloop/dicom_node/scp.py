@@ -41,7 +41,7 @@ from heartloop.dicom_node.headers import (
 from heartloop.store import NewInstance, Store
 
 # (imported late in the module graph: fastheader imports headers only)
-from heartloop.dicom_node.fastheader import fast_ct_header  # noqa: E402
+from heartloop.dicom_node.fastheader import ParsedHead, fast_ct_header, header_from_parsed  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,10 @@ class ReceivedFile:
     fd: int
     head: bytes
     size: int
+    #: True when the receiver already ran `parse_head` on the first bytes (result in `parsed`,
+    #: None meaning "not for the fast path"), while the rest of the data set was arriving.
+    parsed_early: bool = False
+    parsed: ParsedHead | None = None
 
 
 def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae: str, context_sop_class: str,
@@ -169,7 +173,9 @@ def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae:
             _unlink_quietly(temp)
             return OUT_OF_RESOURCES, "storage full on the receiving node"
         header = None
-        if transfer_syntax is not None and dataset_offset is not None and context_sop_class == CT_IMAGE_STORAGE:
+        if received is not None and received.parsed_early:
+            header = header_from_parsed(received.parsed, size)
+        elif transfer_syntax is not None and dataset_offset is not None and context_sop_class == CT_IMAGE_STORAGE:
             header = fast_ct_header(temp, transfer_syntax, dataset_offset,
                                     head=received.head if received is not None else None,
                                     size=received.size if received is not None else None)

@@ -157,3 +157,38 @@ def test_pynetdicom_engine_restores_tempdir(make_settings):
     scp.stop()
     store.dispose()
     assert tempfile.tempdir == before
+
+
+def test_stored_files_are_exactly_what_was_sent_whatever_the_size_order(make_settings, tmp_path):
+    """The lean receiver reserves each next file at the last data set's size and parses CT headers
+    while data still arrive: a smaller data set after a larger one must be trimmed, a larger one
+    grow, a small one (header not complete early) be parsed at the end — all byte for byte."""
+    import pydicom
+
+    from heartloop.phantom import make_patient, write_patient
+    from tests.helpers.dcmtk import storescu
+
+    big = sorted(write_patient(make_patient(3, rows=256, n_slices=40), tmp_path / "big").glob("CT_*.dcm"))
+    small = sorted(write_patient(make_patient(4, rows=64, n_slices=40), tmp_path / "small").glob("CT_*.dcm"))
+    order = [big[0], small[0], big[1], small[1], big[2]]
+    settings = make_settings(node={"port": free_port(), "engine": "lean"}, limits={"min_free_disk_bytes": 1048576})
+    store = Store.from_settings(settings)
+    scp = make_node(settings, store)
+    scp.start()
+    try:
+        result = storescu(order, scp.port)
+        assert result.returncode == 0 and len(result.sent_ok) == len(order), result.output[-2000:]
+        for sent in order:
+            original = pydicom.dcmread(sent)
+            row = store.get_instance(original.SOPInstanceUID)
+            assert row is not None
+            stored_path = store.files.abspath(row.path)
+            stored = pydicom.dcmread(stored_path)
+            assert stored.PixelData == original.PixelData
+            assert stored.ImagePositionPatient == original.ImagePositionPatient
+            # Nothing after the last element: the reserved rest was trimmed.
+            assert stored_path.read_bytes().endswith(original.PixelData)
+            assert row.size_bytes == stored_path.stat().st_size
+    finally:
+        scp.stop()
+        store.dispose()
