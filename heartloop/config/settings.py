@@ -80,11 +80,12 @@ class NodeSettings:
     allowed_callers: tuple[AllowedCaller, ...] = ()
     #: Largest P-DATA PDU we accept and send (bytes). Bigger PDUs mean fewer round trips.
     max_pdu_bytes: int = 1048576
-    #: Receiving processes sharing the DICOM port (SO_REUSEPORT); 1 = in the service process, one
-    #: thread per association. With SQLite, 1 is fastest (measured: 4 associations 360-470 slices/s
-    #: in one process, 230-320 in two, whose writers wait on SQLite's file lock); more pays off with
-    #: PostgreSQL and more cores.
-    receive_processes: int = 1
+    #: Receiving processes sharing the DICOM port (SO_REUSEPORT): the service process plus N-1
+    #: children, one thread per association in each. Since SQLite writers queue on one file lock
+    #: (not SQLite's sleeping busy handler) two beat one on 2 cores: 4 associations, median of 4
+    #: runs, 650 vs 508 slices/s (`python -m bench.ingest --processes N`). One association always
+    #: lands in one process. More pays off with PostgreSQL and more cores.
+    receive_processes: int = 2
     #: "lean": HeartLoop's streaming storage receiver (fast); "pynetdicom": pynetdicom's acceptor.
     engine: str = "lean"
     max_associations: int = 16
