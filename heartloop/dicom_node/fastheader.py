@@ -134,7 +134,7 @@ def parse_head(buf: bytes, transfer_syntax: str, dataset_offset: int) -> ParsedH
             if name is not None:
                 values[name] = buf[start:start + length]
             pos = start + length
-    except (_Fallback, struct.error):
+    except (_Fallback, struct.error, RecursionError):  # RecursionError: absurdly nested sequences
         return None
     return ParsedHead(_header_from_values(values), pixel_start, pixel_length)
 
@@ -186,21 +186,15 @@ def header_from_parsed(parsed: ParsedHead | None, size: int) -> InstanceHeader |
     return parsed.header
 
 
-def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int, *, head: bytes | None = None,
-                   size: int | None = None) -> InstanceHeader | None:
-    """The header of a CT slice file written by our receiver, or ``None`` (use `read_header`).
-
-    `head` (the file's first ``dataset_offset + HEAD_BYTES`` bytes, or all of a shorter file) and
-    `size` (the file's length), when the receiver kept them, spare reading the file back.
-    Raises `DatasetRejected` only for what it can tell for sure: pixel data cut short.
+def fast_ct_header(path: Path, transfer_syntax: str, dataset_offset: int) -> InstanceHeader | None:
+    """The header of a CT slice file whose data set starts at `dataset_offset`, or ``None`` (use
+    `read_header`): `parse_head` and `header_from_parsed` on a file (the receiver runs them on the
+    bytes as they arrive). Raises `DatasetRejected` only for pixel data cut short.
     """
     if transfer_syntax not in (EXPLICIT_VR_LE, IMPLICIT_VR_LE):
         return None
-    if head is not None and size is not None:
-        buf = head
-    else:
-        with open(path, "rb") as fh:
-            size = fh.seek(0, 2)
-            fh.seek(0)
-            buf = fh.read(dataset_offset + _HEAD)
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(0)
+        buf = fh.read(dataset_offset + _HEAD)
     return header_from_parsed(parse_head(buf, transfer_syntax, dataset_offset), size)

@@ -178,8 +178,7 @@ class _Incoming:
         # instead of reading the file back — as soon as they are in, while the rest is on the wire.
         self.head = bytearray()
         self.head_limit = len(meta) + HEAD_BYTES
-        self.parse_syntax = parse_syntax  # a CT context's transfer syntax: parse early
-        self.parsed_early = False
+        self.parse_syntax = parse_syntax  # a CT context's transfer syntax: parse the head
         self.parsed: ParsedHead | None = None
         self.allocated = allocated  # bytes fallocated ahead (the file's length until trimmed)
         self.size = 0
@@ -189,7 +188,7 @@ class _Incoming:
         """Write straight to the file descriptor (no buffer copy; short writes retried)."""
         if len(self.head) < self.head_limit:
             self.head += data[:self.head_limit - len(self.head)]
-            if len(self.head) >= self.head_limit and self.parse_syntax is not None:
+            if len(self.head) >= self.head_limit:
                 self._parse_head()
         view = memoryview(data)
         while view:
@@ -198,16 +197,16 @@ class _Incoming:
         self.size += len(data)
 
     def _parse_head(self) -> None:
-        try:
-            self.parsed = parse_head(bytes(self.head), self.parse_syntax or "", self.dataset_offset)
-            self.parsed_early = True
-        except Exception:  # pragma: no cover - the full check at the end decides
-            log.debug("early header parse failed; parsed at the end instead", exc_info=True)
+        if self.parse_syntax is not None:
+            self.parsed = parse_head(bytes(self.head), self.parse_syntax, self.dataset_offset)
 
-    def finish_file(self) -> None:
-        """Trim what was allocated ahead and not used (the file is then exactly the data set)."""
+    def finish(self) -> None:
+        """The last fragment is in: trim what was allocated ahead and not used (the file is then
+        exactly the data set); parse the head now if the data set was too short to fill it."""
         if self.allocated > self.size:
             os.ftruncate(self.fd, self.size)
+        if len(self.head) < self.head_limit:
+            self._parse_head()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -234,7 +233,6 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         # The next data set's file, made (and allocated to the last one's size) while the sender
         # prepares its next request, off the path between its data and our answer.
         self._spare: tuple[Path, int, int] | None = None
-        self._last_size = 0
 
     # socket primitives
     def _recv_exact(self, n: int) -> memoryview:
@@ -444,14 +442,11 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         assert inc is not None
         self.incoming = None
         try:
-            inc.finish_file()
+            inc.finish()
             status, reason = accept_instance(self.store, self.settings, inc.path, calling_ae=self.calling_ae,
                                              context_sop_class=self.contexts[inc.context_id].sop_class,
                                              command_sop_instance=inc.sop_instance,
-                                             transfer_syntax=self.contexts[inc.context_id].transfer_syntax,
-                                             dataset_offset=inc.dataset_offset,
-                                             received=ReceivedFile(inc.fd, bytes(inc.head), inc.size,
-                                                                   parsed_early=inc.parsed_early, parsed=inc.parsed))
+                                             received=ReceivedFile(inc.fd, inc.size, inc.parsed))
         finally:
             inc.close()
         elements = [(0x0002, _pad_uid(inc.sop_class)), (0x0100, _us(C_STORE_RSP)), (0x0120, _us(inc.message_id)),
@@ -463,8 +458,7 @@ class AssociationHandler(socketserver.BaseRequestHandler):
         # While the sender prepares its next request: create the next temp file now, off the path
         # between its data and our answer (a file creation costs ~0.1 ms under write load), sized
         # for a data set like this one (the next slice of a series is as large).
-        self._last_size = inc.size if status == SUCCESS else 0
-        self._spare = self._new_spare(self._last_size)
+        self._spare = self._new_spare(inc.size if status == SUCCESS else 0)
 
     def _send_command(self, cid: int, elements: list[tuple[int, bytes]]) -> None:
         command = encode_command(elements)

@@ -27,7 +27,6 @@ from pynetdicom.transport import ThreadedAssociationServer
 from heartloop.config import Settings
 from heartloop.core.errors import DatasetRejected
 from heartloop.dicom_node.headers import (
-    CANNOT_UNDERSTAND,
     CT_IMAGE_STORAGE,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
@@ -41,7 +40,7 @@ from heartloop.dicom_node.headers import (
 from heartloop.store import NewInstance, Store
 
 # (imported late in the module graph: fastheader imports headers only)
-from heartloop.dicom_node.fastheader import ParsedHead, fast_ct_header, header_from_parsed  # noqa: E402
+from heartloop.dicom_node.fastheader import ParsedHead, header_from_parsed  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +137,17 @@ def _free_bytes(path: Path, max_age_s: float = 1.0) -> int:
 @dataclass(frozen=True)
 class ReceivedFile:
     """What the lean receiver still holds of a file it just wrote: its open descriptor (fsynced
-    through it, no reopen), its first bytes (the header is parsed from them) and its size."""
+    through it, no reopen), its size, and for a CT slice what `parse_head` found in its first
+    bytes while the rest was arriving (None: not for the fast path, read the header from the file).
+    """
 
     fd: int
-    head: bytes
     size: int
-    #: True when the receiver already ran `parse_head` on the first bytes (result in `parsed`,
-    #: None meaning "not for the fast path"), while the rest of the data set was arriving.
-    parsed_early: bool = False
     parsed: ParsedHead | None = None
 
 
 def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae: str, context_sop_class: str,
-                    command_sop_instance: str, transfer_syntax: str | None = None,
-                    dataset_offset: int | None = None, received: ReceivedFile | None = None) -> tuple[int, str | None]:
+                    command_sop_instance: str, received: ReceivedFile | None = None) -> tuple[int, str | None]:
     """Check and durably store one received dataset file; the DIMSE status to answer and why.
 
     Shared by both receive engines. Success (0x0000) is returned only after the file is fsynced
@@ -172,13 +168,7 @@ def accept_instance(store: Store, settings: Settings, temp: Path, *, calling_ae:
             log.error("refusing C-STORE: free disk below limits.min_free_disk_bytes")
             _unlink_quietly(temp)
             return OUT_OF_RESOURCES, "storage full on the receiving node"
-        header = None
-        if received is not None and received.parsed_early:
-            header = header_from_parsed(received.parsed, size)
-        elif transfer_syntax is not None and dataset_offset is not None and context_sop_class == CT_IMAGE_STORAGE:
-            header = fast_ct_header(temp, transfer_syntax, dataset_offset,
-                                    head=received.head if received is not None else None,
-                                    size=received.size if received is not None else None)
+        header = header_from_parsed(received.parsed, size) if received is not None else None
         if header is None:
             header = read_header(temp)
         if header.sop_class_uid != context_sop_class:

@@ -123,3 +123,11 @@ def test_declines_what_it_does_not_handle(tmp_path):
     mr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
     offset = _write(mr, tmp_path / "mr.dcm")
     assert fast_ct_header(tmp_path / "mr.dcm", str(ExplicitVRLittleEndian), offset) is None
+
+
+def test_absurdly_nested_sequences_leave_the_fast_path_instead_of_raising():
+    from heartloop.dicom_node.fastheader import parse_head
+
+    # 5000 nested undefined-length sequences (explicit VR LE), deeper than Python's recursion limit.
+    nested = (b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff") * 5000
+    assert parse_head(nested, str(ExplicitVRLittleEndian), 0) is None
