@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,33 +23,7 @@ import time
 from pathlib import Path
 
 from tests.helpers.dcmtk import DCMTK_ENV, require
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} never opened")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(20)
+from tests.helpers.procs import free_port, stop_pid, wait_port
 
 
 def _push(files: list[Path], port: int, called: str, associations: int) -> float:
@@ -70,7 +42,7 @@ def _push(files: list[Path], port: int, called: str, associations: int) -> float
 
 def run_dcmtk(files: list[Path], associations: int, work: Path) -> float:
     out = Path(tempfile.mkdtemp(dir=work))
-    port = _free_port()
+    port = free_port()
     cmd = [require("storescp"), "--max-pdu", "131072", "-od", str(out)]
     if associations > 1:
         cmd.append("--fork")
@@ -78,7 +50,7 @@ def run_dcmtk(files: list[Path], associations: int, work: Path) -> float:
     proc = subprocess.Popen(cmd + [str(port)], env=DCMTK_ENV, stdout=log, stderr=subprocess.STDOUT)
     try:
         try:
-            _wait_port(port)
+            wait_port(port, timeout_s=60)
         except TimeoutError:
             log.flush()
             raise TimeoutError(f"storescp never opened port {port} (exit {proc.poll()}): "
@@ -89,7 +61,7 @@ def run_dcmtk(files: list[Path], associations: int, work: Path) -> float:
             raise RuntimeError(f"storescp stored {received}/{len(files)}")
         return len(files) / dt
     finally:
-        _stop(proc)
+        stop_pid(proc, timeout_s=20)
         log.close()
         shutil.rmtree(out, ignore_errors=True)
 
@@ -97,7 +69,7 @@ def run_dcmtk(files: list[Path], associations: int, work: Path) -> float:
 def run_ours(files: list[Path], associations: int, work: Path, processes: int, engine: str,
              storage: Path | None = None) -> float:
     root = Path(tempfile.mkdtemp(dir=storage or work))
-    port = _free_port()
+    port = free_port()
     cfg = root / "heartloop.toml"
     cfg.write_text(f"""[node]
 port = {port}
@@ -115,7 +87,7 @@ enabled = false
     proc = subprocess.Popen([sys.executable, "-m", "heartloop", "--log-level", "WARNING", "serve", "--config",
                              str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port(port)
+        wait_port(port, timeout_s=60)
         # Let start-up settle before timing: receiving processes bind and the trainer process
         # finishes importing (~1 s of CPU) — a running service's idle trainer only polls.
         time.sleep(3.0)
@@ -129,7 +101,7 @@ enabled = false
             raise RuntimeError(f"our node stored {stored}/{len(files)}")
         return len(files) / dt
     finally:
-        _stop(proc)
+        stop_pid(proc, timeout_s=20)
         shutil.rmtree(root, ignore_errors=True)
 
 
